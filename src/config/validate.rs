@@ -1,0 +1,636 @@
+//! Turns the raw TOML of the config and membership files into a `Config`,
+//! collecting every error and warning with its file, line and column.
+
+use super::diag::{ConfigError, Report, Source};
+use super::raw::*;
+use super::values::*;
+use super::*;
+use crate::tls::{self, TlsFileError};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use toml::Spanned;
+
+/// Loads and fully validates the config at `path` and every file it names.
+/// `now` decides which rules have already expired (a warning).
+pub fn load(path: &Path, now: SystemTime) -> Result<Config, ConfigError> {
+    let mut report = Report::default();
+    let mut hasher = Sha256::new();
+    let mut files = vec![path.to_path_buf()];
+    let text = match std::fs::read(path) {
+        Ok(bytes) => {
+            hash_file(&mut hasher, path, &bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+        Err(e) => {
+            report.file_error(
+                path,
+                format!("cannot read the config file: {e}; pass the right path with -c or MOAT_CONFIG"),
+            );
+            return Err(finish(report));
+        }
+    };
+    let src = Source {
+        path: path.to_path_buf(),
+        text,
+    };
+    let raw: RawConfig = match toml::from_str(&src.text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            report.error(&src, span, format!("{}; fix the TOML here", e.message().trim_end()));
+            return Err(finish(report));
+        }
+    };
+    let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let mut v = Validator {
+        src: &src,
+        base: &base,
+        report: &mut report,
+        files: &mut files,
+        hasher: &mut hasher,
+        now,
+    };
+    let server = v.server(raw.server.as_ref());
+    let limits = v.limits(raw.limits.as_ref(), &Limits::default(), true);
+    let security_groups = v.security_groups(raw.security_groups.as_ref());
+    let deployments = v.deployments(&raw.deployment, &limits, &security_groups);
+    let listeners = v.listeners(&raw.deployment, &deployments);
+    if report.errors.is_empty() {
+        let fingerprint = hasher.finalize().into();
+        Ok(Config {
+            path: path.to_path_buf(),
+            server,
+            limits,
+            security_groups,
+            deployments,
+            listeners,
+            files,
+            fingerprint,
+            warnings: report.warnings,
+        })
+    } else {
+        Err(finish(report))
+    }
+}
+
+fn hash_file(hasher: &mut Sha256, path: &Path, bytes: &[u8]) {
+    hasher.update((path.as_os_str().len() as u64).to_le_bytes());
+    hasher.update(path.as_os_str().as_encoded_bytes());
+    hasher.update((bytes.len() as u64).to_le_bytes());
+    hasher.update(bytes);
+}
+
+/// The fingerprint `load` would compute for these files now, if all are
+/// readable: a cheap test of whether a reload can change anything.
+pub fn fingerprint(files: &[PathBuf]) -> Option<[u8; 32]> {
+    let mut hasher = Sha256::new();
+    for f in files {
+        hash_file(&mut hasher, f, &std::fs::read(f).ok()?);
+    }
+    Some(hasher.finalize().into())
+}
+
+fn finish(report: Report) -> ConfigError {
+    ConfigError {
+        errors: report.errors,
+        warnings: report.warnings,
+    }
+}
+
+struct Validator<'a> {
+    src: &'a Source,
+    base: &'a Path,
+    report: &'a mut Report,
+    files: &'a mut Vec<PathBuf>,
+    hasher: &'a mut Sha256,
+    now: SystemTime,
+}
+
+impl Validator<'_> {
+    fn err<T>(&mut self, s: &Spanned<T>, msg: impl Into<String>) {
+        self.report.error(self.src, s.span(), msg);
+    }
+
+    fn warn<T>(&mut self, s: &Spanned<T>, msg: impl Into<String>) {
+        self.report.warn(self.src, s.span(), msg);
+    }
+
+    fn duration(&mut self, key: &str, s: &Spanned<String>) -> Option<Duration> {
+        parse_duration(key, s.get_ref()).map_err(|m| self.err(s, m)).ok()
+    }
+
+    fn choice<T: Copy>(&mut self, key: &str, s: &Spanned<String>, options: &[(&str, T)]) -> Option<T> {
+        if let Some((_, v)) = options.iter().find(|(n, _)| *n == s.get_ref()) {
+            return Some(*v);
+        }
+        let names: Vec<String> = options.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+        self.err(s, format!("{key} = \"{}\" is not allowed; use {}", s.get_ref(), names.join(" or ")));
+        None
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        self.base.join(p)
+    }
+
+    fn server(&mut self, raw: Option<&RawServer>) -> Server {
+        let mut server = Server {
+            admin_listen: None,
+            log_format: LogFormat::Text,
+            shutdown_grace: Duration::from_secs(30),
+            on_revoke: OnRevoke::Close,
+        };
+        let Some(raw) = raw else { return server };
+        if let Some(a) = &raw.admin_listen {
+            match a.get_ref().parse::<SocketAddr>() {
+                Ok(addr) => server.admin_listen = Some(addr),
+                Err(_) => self.err(a, format!("admin_listen = \"{}\" is not an address; write IP:PORT, like \"127.0.0.1:9911\"", a.get_ref())),
+            }
+        }
+        if let Some(f) = &raw.log_format {
+            server.log_format = self
+                .choice("log_format", f, &[("text", LogFormat::Text), ("json", LogFormat::Json)])
+                .unwrap_or(LogFormat::Text);
+        }
+        if let Some(g) = &raw.shutdown_grace {
+            server.shutdown_grace = self.duration("shutdown_grace", g).unwrap_or(server.shutdown_grace);
+        }
+        if let Some(r) = &raw.on_revoke {
+            server.on_revoke = self
+                .choice("on_revoke", r, &[("close", OnRevoke::Close), ("keep", OnRevoke::Keep)])
+                .unwrap_or(OnRevoke::Close);
+        }
+        server
+    }
+
+    fn count(&mut self, key: &str, s: &Spanned<i64>) -> Option<u32> {
+        match u32::try_from(*s.get_ref()) {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                self.err(s, format!("{key} = {} is out of range; use a whole number from 1 to {}", s.get_ref(), u32::MAX));
+                None
+            }
+        }
+    }
+
+    /// `global` decides what `max_connections` means: the global cap (with a
+    /// default) or a deployment's own cap (none unless set).
+    fn limits(&mut self, raw: Option<&RawLimits>, base: &Limits, global: bool) -> Limits {
+        let mut l = base.clone();
+        if !global {
+            l.max_connections = None;
+        }
+        let Some(raw) = raw else { return l };
+        if let Some(n) = &raw.max_connections {
+            l.max_connections = self.count("max_connections", n).or(l.max_connections);
+        }
+        if let Some(n) = &raw.max_connections_per_ip {
+            l.max_connections_per_ip = self.count("max_connections_per_ip", n).unwrap_or(l.max_connections_per_ip);
+        }
+        if let Some(d) = &raw.connect_timeout {
+            l.connect_timeout = self.nonzero("connect_timeout", d).unwrap_or(l.connect_timeout);
+        }
+        if let Some(d) = &raw.handshake_timeout {
+            l.handshake_timeout = self.nonzero("handshake_timeout", d).unwrap_or(l.handshake_timeout);
+        }
+        if let Some(d) = &raw.idle_timeout {
+            if let Some(d) = self.duration("idle_timeout", d) {
+                l.idle_timeout = (!d.is_zero()).then_some(d);
+            }
+        }
+        l
+    }
+
+    fn nonzero(&mut self, key: &str, s: &Spanned<String>) -> Option<Duration> {
+        let d = self.duration(key, s)?;
+        if d.is_zero() {
+            self.err(s, format!("{key} must be longer than 0s; write it like \"5s\""));
+            return None;
+        }
+        Some(d)
+    }
+
+    /// Reads a file named by the config, hashing it for change detection.
+    fn read_named(&mut self, at: &Spanned<String>, what: &str) -> Option<(PathBuf, Vec<u8>)> {
+        let path = self.resolve(at.get_ref());
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                hash_file(self.hasher, &path, &bytes);
+                self.files.push(path.clone());
+                Some((path, bytes))
+            }
+            Err(e) => {
+                self.err(at, format!("cannot read the {what} {}: {e}; check the path (relative paths start at the config file's directory)", path.display()));
+                None
+            }
+        }
+    }
+
+    fn security_groups(&mut self, raw: Option<&RawSecurityGroups>) -> SecurityGroups {
+        let mut sg = SecurityGroups::default();
+        let Some(raw) = raw else { return sg };
+        if let Some(f) = &raw.file {
+            if let Some((path, bytes)) = self.read_named(f, "security-group membership file") {
+                sg.members = self.membership(&path, bytes);
+                sg.file = Some(path);
+            }
+        }
+        if let Some(aws) = &raw.aws {
+            sg.aws = self.aws(aws);
+        }
+        sg
+    }
+
+    fn membership(&mut self, path: &Path, bytes: Vec<u8>) -> BTreeMap<GroupKey, Vec<IpNet>> {
+        let src = Source {
+            path: path.to_path_buf(),
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+        };
+        let mut out = BTreeMap::new();
+        let raw: RawMembership = match toml::from_str(&src.text) {
+            Ok(r) => r,
+            Err(e) => {
+                self.report.error(&src, e.span().unwrap_or(0..0), format!("{}; fix the TOML here", e.message().trim_end()));
+                return out;
+            }
+        };
+        for g in &raw.group {
+            let g = g.get_ref();
+            let mut ok = true;
+            if let Err(m) = check_account(g.aws_account.get_ref()) {
+                self.report.error(&src, g.aws_account.span(), m);
+                ok = false;
+            }
+            if let Err(m) = check_group_id(g.id.get_ref()) {
+                self.report.error(&src, g.id.span(), m);
+                ok = false;
+            }
+            let mut members = Vec::new();
+            for m in &g.members {
+                match parse_cidr(m.get_ref()) {
+                    Ok(net) => members.push(net),
+                    Err(msg) => self.report.error(&src, m.span(), format!("group {}: {msg}", g.id.get_ref())),
+                }
+            }
+            let key = GroupKey {
+                account: g.aws_account.get_ref().clone(),
+                id: g.id.get_ref().clone(),
+            };
+            if ok && out.insert(key, members).is_some() {
+                self.report.error(&src, g.id.span(), format!("group {} of account {} is listed twice; merge its members into one [[group]]", g.id.get_ref(), g.aws_account.get_ref()));
+            }
+        }
+        out
+    }
+
+    fn aws(&mut self, raw: &Spanned<RawAws>) -> Option<AwsResolver> {
+        let a = raw.get_ref();
+        let mut ok = true;
+        let region = a.region.get_ref().trim().to_string();
+        if region.is_empty() || !region.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            self.err(&a.region, format!("region = \"{}\" is not an AWS region; write it like \"us-east-1\"", a.region.get_ref()));
+            ok = false;
+        }
+        let refresh = match &a.refresh {
+            Some(r) => match self.nonzero("refresh", r) {
+                Some(d) if d < Duration::from_secs(5) => {
+                    self.err(r, "refresh must be at least 5s so the EC2 API is not throttled; write it like \"60s\"");
+                    ok = false;
+                    d
+                }
+                Some(d) => d,
+                None => {
+                    ok = false;
+                    Duration::ZERO
+                }
+            },
+            None => Duration::from_secs(60),
+        };
+        if let Some(e) = &a.endpoint {
+            if !(e.get_ref().starts_with("http://") || e.get_ref().starts_with("https://")) {
+                self.err(e, format!("endpoint = \"{}\" is not a URL; write it like \"https://ec2.us-east-1.amazonaws.com\"", e.get_ref()));
+                ok = false;
+            }
+        }
+        let mut accounts = BTreeMap::new();
+        for (acct, role) in &a.accounts {
+            if let Err(m) = check_account(acct.get_ref()) {
+                self.err(acct, m);
+                ok = false;
+            }
+            if !role.role_arn.get_ref().starts_with("arn:") {
+                self.err(&role.role_arn, format!("role_arn = \"{}\" is not an IAM role ARN; write it like \"arn:aws:iam::123456789012:role/moat-reader\"", role.role_arn.get_ref()));
+                ok = false;
+            }
+            accounts.insert(acct.get_ref().clone(), role.role_arn.get_ref().clone());
+        }
+        ok.then(|| AwsResolver {
+            region,
+            refresh,
+            endpoint: a.endpoint.as_ref().map(|e| e.get_ref().clone()),
+            accounts,
+        })
+    }
+
+    fn deployments(&mut self, raw: &[Spanned<RawDeployment>], global: &Limits, sg: &SecurityGroups) -> Vec<Deployment> {
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        let names: BTreeSet<&str> = raw.iter().map(|d| d.get_ref().name.get_ref().as_str()).collect();
+        let mut out = Vec::new();
+        for d in raw {
+            let r = d.get_ref();
+            let name = r.name.get_ref();
+            if let Err(m) = check_name(name) {
+                self.err(&r.name, m);
+            }
+            if let Some(first) = seen.get(name.as_str()) {
+                let line = self.src.place(*first).0;
+                self.err(&r.name, format!("duplicate deployment name \"{name}\" (first defined on line {line}); give each deployment its own name"));
+            } else {
+                seen.insert(name, r.name.span().start);
+            }
+            out.push(self.deployment(r, global, sg, &names));
+        }
+        self.empty_rule_warnings(raw, &out);
+        out
+    }
+
+    fn deployment(&mut self, r: &RawDeployment, global: &Limits, sg: &SecurityGroups, names: &BTreeSet<&str>) -> Deployment {
+        let name = r.name.get_ref().clone();
+        let ctx = format!("deployment \"{name}\"");
+        let plan = match &r.plan {
+            Some(p) => self.choice("plan", p, &[("dedicated", Plan::Dedicated), ("shared", Plan::Shared)]).unwrap_or(Plan::Dedicated),
+            None => Plan::Dedicated,
+        };
+        let mut listen = Vec::new();
+        let items = r.listen.get_ref().items();
+        if items.is_empty() {
+            self.err(&r.listen, format!("{ctx}: listen is empty; give at least one address, like \"0.0.0.0:27017\""));
+        }
+        for item in items {
+            match item.parse::<SocketAddr>() {
+                Ok(a) if listen.contains(&a) => self.err(&r.listen, format!("{ctx}: listen address {a} is given twice")),
+                Ok(a) => listen.push(a),
+                Err(_) => self.err(&r.listen, format!("{ctx}: listen address \"{item}\" is not IP:PORT; write it like \"0.0.0.0:27017\" or \"[::]:27017\"")),
+            }
+        }
+        if let Err(m) = check_upstream(r.upstream.get_ref()) {
+            self.err(&r.upstream, format!("{ctx}: {m}"));
+        }
+        let mut server_names = Vec::new();
+        for s in r.server_names.iter().flatten() {
+            match normalise_server_name(s.get_ref()) {
+                Ok(n) if !server_names.contains(&n) => server_names.push(n),
+                Ok(_) => {}
+                Err(m) => self.err(s, format!("{ctx}: {m}")),
+            }
+        }
+        let mut copy_rules_from = Vec::new();
+        for c in r.copy_rules_from.iter().flatten() {
+            if !names.contains(c.get_ref().as_str()) {
+                self.err(c, format!("{ctx}: copy_rules_from names \"{}\", which is not a deployment in this file; check the spelling", c.get_ref()));
+            } else if plan == Plan::Shared {
+                self.err(c, format!("{ctx}: plan = \"shared\" admits every source and cannot copy rules; remove copy_rules_from or set plan = \"dedicated\""));
+            } else {
+                copy_rules_from.push(c.get_ref().clone());
+            }
+        }
+        let proxy_trusted = r.proxy_protocol.as_ref().map(|p| {
+            let mut nets = Vec::new();
+            for t in &p.get_ref().trusted {
+                match parse_cidr(t.get_ref()) {
+                    Ok(n) => nets.push(n),
+                    Err(m) => self.err(t, format!("{ctx}: proxy_protocol trusted: {m}")),
+                }
+            }
+            if nets.is_empty() && p.get_ref().trusted.is_empty() {
+                self.err(p, format!("{ctx}: proxy_protocol.trusted is empty; list the load balancers' addresses, like [\"10.0.0.0/8\"]"));
+            }
+            nets
+        });
+        let mut limits = self.limits(r.limits.as_ref(), global, false);
+        if r.limits.as_ref().and_then(|l| l.max_connections.as_ref()).is_none() {
+            limits.max_connections = None;
+        }
+        let tls = r.tls.as_ref().and_then(|t| {
+            if plan == Plan::Shared {
+                self.err(t, format!("{ctx}: plan = \"shared\" cannot have a [deployment.tls] table: TLS is for dedicated deployments; remove it or set plan = \"dedicated\""));
+                None
+            } else {
+                self.tls(&ctx, t.get_ref())
+            }
+        });
+        if plan == Plan::Shared {
+            if let Some(first) = r.allow.first() {
+                self.err(first, format!("{ctx}: plan = \"shared\" admits every source and cannot have allow rules; remove them or set plan = \"dedicated\""));
+            }
+        }
+        let mut rules = Vec::new();
+        for a in &r.allow {
+            if let Some(rule) = self.rule(&ctx, a, sg) {
+                rules.push(rule);
+            }
+        }
+        Deployment {
+            name,
+            plan,
+            listen,
+            upstream: r.upstream.get_ref().clone(),
+            server_names,
+            copy_rules_from,
+            proxy_trusted,
+            limits,
+            tls,
+            rules,
+        }
+    }
+
+    fn tls(&mut self, ctx: &str, t: &RawTls) -> Option<Tls> {
+        let mode = match &t.mode {
+            Some(m) => self.choice("mode", m, &[("require", TlsMode::Require), ("allow", TlsMode::Allow)])?,
+            None => TlsMode::Require,
+        };
+        let tls13_only = match &t.min_version {
+            Some(v) => self.choice("min_version", v, &[("1.2", false), ("1.3", true)])?,
+            None => false,
+        };
+        let cert = self.read_named(&t.cert, "certificate file");
+        let key = self.read_named(&t.key, "private key file");
+        let ca = match &t.client_ca {
+            Some(c) => Some(self.read_named(c, "client CA file")?),
+            None => None,
+        };
+        let (cert, key) = (cert?, key?);
+        if key_readable_by_others(&key.0) {
+            self.warn(&t.key, format!("{ctx}: the private key {} is readable by other users; chmod 600 it", key.0.display()));
+        }
+        let files = tls::Files {
+            cert: &cert.1,
+            key: &key.1,
+            client_ca: ca.as_ref().map(|c| c.1.as_slice()),
+            tls13_only,
+        };
+        match tls::server_config(&files) {
+            Ok(loaded) => {
+                if let Some(na) = loaded.not_after {
+                    let now = self.now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+                    if na < now {
+                        self.warn(&t.cert, format!("{ctx}: the certificate {} expired (notAfter {}); clients will refuse it, renew it", cert.0.display(), tls::format_time(na)));
+                    }
+                }
+                Some(Tls {
+                    mode,
+                    server: loaded.config,
+                    not_after: loaded.not_after,
+                })
+            }
+            Err(e) => {
+                let (at, path) = match &e {
+                    TlsFileError::Cert(_) | TlsFileError::Mismatch(_) => (&t.cert, &cert.0),
+                    TlsFileError::Key(_) => (&t.key, &key.0),
+                    TlsFileError::ClientCa(_) => (t.client_ca.as_ref().unwrap_or(&t.cert), &ca.as_ref().unwrap_or(&cert).0),
+                };
+                self.err(at, format!("{ctx}: {}: {e}", path.display()));
+                None
+            }
+        }
+    }
+
+    fn rule(&mut self, ctx: &str, a: &Spanned<RawAllow>, sg: &SecurityGroups) -> Option<Rule> {
+        let r = a.get_ref();
+        let target = match (&r.cidr, &r.aws_account, &r.security_group) {
+            (Some(c), None, None) => match parse_cidr(c.get_ref()) {
+                Ok(net) => {
+                    if is_whole_internet(&net) {
+                        self.warn(c, format!("{ctx}: {net} is open to the whole internet"));
+                    }
+                    RuleTarget::Cidr(net)
+                }
+                Err(m) => {
+                    self.err(c, format!("{ctx}: {m}"));
+                    return None;
+                }
+            },
+            (None, Some(acct), Some(group)) => {
+                let e1 = check_account(acct.get_ref()).map_err(|m| self.err(acct, format!("{ctx}: {m}")));
+                let e2 = check_group_id(group.get_ref()).map_err(|m| self.err(group, format!("{ctx}: {m}")));
+                if e1.is_err() || e2.is_err() {
+                    return None;
+                }
+                let key = GroupKey {
+                    account: acct.get_ref().clone(),
+                    id: group.get_ref().clone(),
+                };
+                if sg.aws.is_none() && !sg.members.contains_key(&key) {
+                    self.warn(group, format!("{ctx}: security group {} of account {} is not in the membership file; the rule matches nobody until the group is listed there", key.id, key.account));
+                }
+                RuleTarget::Group(key)
+            }
+            _ => {
+                self.err(a, format!("{ctx}: an allow rule needs either cidr, or aws_account and security_group together"));
+                return None;
+            }
+        };
+        let expires = match &r.expires {
+            Some(e) => match parse_expires(e.get_ref()) {
+                Ok(t) => {
+                    if t <= self.now {
+                        self.warn(e, format!("{ctx}: this rule expired at {}; it is ignored, remove it", tls::format_system_time(t)));
+                    }
+                    Some(t)
+                }
+                Err(m) => {
+                    self.err(e, format!("{ctx}: {m}"));
+                    return None;
+                }
+            },
+            None => None,
+        };
+        let description = match &r.description {
+            Some(d) => d.get_ref().clone(),
+            None => match &target {
+                RuleTarget::Cidr(n) => n.to_string(),
+                RuleTarget::Group(g) => g.id.clone(),
+            },
+        };
+        Some(Rule {
+            target,
+            description,
+            expires,
+        })
+    }
+
+    /// A dedicated deployment without any rule (its own or copied) admits nobody.
+    fn empty_rule_warnings(&mut self, raw: &[Spanned<RawDeployment>], deps: &[Deployment]) {
+        for (r, d) in raw.iter().zip(deps) {
+            if d.plan != Plan::Dedicated {
+                continue;
+            }
+            let live = crate::snapshot::reachable(deps, d).iter().any(|&i| {
+                deps[i].rules.iter().any(|rule| rule.expires.is_none_or(|t| t > self.now))
+            });
+            if !live {
+                self.warn(&r.get_ref().name, format!("deployment \"{}\" has no allow rules and admits nobody; add [[deployment.allow]] rules", d.name));
+            }
+        }
+    }
+
+    fn listeners(&mut self, raw: &[Spanned<RawDeployment>], deps: &[Deployment]) -> Vec<ListenerSpec> {
+        let mut specs: Vec<ListenerSpec> = Vec::new();
+        for (i, d) in deps.iter().enumerate() {
+            for addr in &d.listen {
+                match specs.iter_mut().find(|s| s.addr == *addr) {
+                    Some(s) => s.deployments.push(i),
+                    None => specs.push(ListenerSpec {
+                        addr: *addr,
+                        v6_only: false,
+                        deployments: vec![i],
+                    }),
+                }
+            }
+        }
+        let v4_any: Vec<u16> = specs
+            .iter()
+            .filter(|s| s.addr.ip() == std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+            .map(|s| s.addr.port())
+            .collect();
+        for s in &mut specs {
+            s.v6_only = s.addr.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) && v4_any.contains(&s.addr.port());
+        }
+        for s in &specs {
+            if s.deployments.len() < 2 {
+                continue;
+            }
+            let mut names: Vec<&str> = Vec::new();
+            for &i in &s.deployments {
+                let d = &deps[i];
+                let at = &raw[i].get_ref().listen;
+                let shared_ok = d.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Require) && !d.server_names.is_empty();
+                if !shared_ok {
+                    self.err(at, format!("deployment \"{}\": listen address {} is shared with other deployments; sharing needs [deployment.tls] mode = \"require\" and server_names on each of them", d.name, s.addr));
+                }
+                for n in &d.server_names {
+                    if names.contains(&n.as_str()) {
+                        self.err(at, format!("deployment \"{}\": server name \"{n}\" is used by another deployment on {}; each needs its own names", d.name, s.addr));
+                    }
+                    names.push(n);
+                }
+                if d.proxy_trusted != deps[s.deployments[0]].proxy_trusted {
+                    self.err(at, format!("deployment \"{}\": deployments sharing {} must have the same proxy_protocol setting", d.name, s.addr));
+                }
+            }
+        }
+        specs
+    }
+}
+
+#[cfg(unix)]
+fn key_readable_by_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    // Follow symlinks, as Kubernetes secret volumes are symlinks.
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+}
+
+#[cfg(not(unix))]
+fn key_readable_by_others(_: &Path) -> bool {
+    false
+}

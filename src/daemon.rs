@@ -1,0 +1,119 @@
+//! `moat run`: load, bind, serve, reload, drain. One signal fans out as the
+//! `Phase` watch; the drain is bounded by `shutdown_grace`.
+
+use crate::config::{self, Diagnostic};
+use crate::conn::Phase;
+use crate::listener::Listeners;
+use crate::reload::{self, Reloader};
+use crate::snapshot::Snapshot;
+use crate::state::Shared;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Mutex;
+
+/// Runs the daemon; returns the process exit status.
+pub fn run(path: &Path) -> i32 {
+    let config = match config::load(path, SystemTime::now()) {
+        Ok(c) => c,
+        Err(e) => {
+            print_diagnostics(&e.errors);
+            print_diagnostics(&e.warnings);
+            eprintln!("moat: the configuration is invalid; nothing was started (run `moat check -c {}` after fixing it)", path.display());
+            return 1;
+        }
+    };
+    crate::logging::init(config.server.log_format);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("moat-worker").build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return 1;
+        }
+    };
+    runtime.block_on(serve(config, path))
+}
+
+pub fn print_diagnostics(ds: &[Diagnostic]) {
+    for d in ds {
+        eprintln!("{d}");
+    }
+}
+
+async fn serve(config: config::Config, path: &Path) -> i32 {
+    let config = Arc::new(config);
+    let snap = Snapshot::compile(config.clone(), Arc::default(), SystemTime::now());
+    let live = reload::build_live(snap, &[]);
+    reload::update_gauges(&live);
+    let shared = Shared::new(live);
+    let mut listeners = Listeners::default();
+    match listeners.prepare(&config.listeners) {
+        Ok(p) => listeners.commit(&shared, p, &config.listeners),
+        Err(e) => {
+            tracing::error!("{e}; is another process using the address?");
+            return 1;
+        }
+    }
+    if let Some(addr) = config.server.admin_listen {
+        if let Err(e) = crate::admin::start(addr, shared.clone()) {
+            tracing::error!("cannot serve admin_listen {addr}: {e}");
+            return 1;
+        }
+    }
+    reload::mark_success();
+    shared.ready.store(true, Ordering::Release);
+    crate::systemd::ready();
+    crate::systemd::spawn_watchdog();
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), deployments = config.deployments.len(), "moat is ready");
+
+    let reloader = Arc::new(Mutex::new(Reloader::new(shared.clone(), path.to_path_buf(), listeners)));
+    tokio::spawn(reload::watch_files(shared.clone(), reloader.clone()));
+    tokio::spawn(reload::expire_rules(shared.clone(), reloader.clone()));
+    tokio::spawn(reload::summarise_refusals(shared.clone()));
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    {
+        let reloader = reloader.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                reloader.lock().await.reload(true, "SIGHUP");
+            }
+        });
+    }
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+
+    // Drain: stop accepting at once, let connections finish within the grace.
+    let grace = shared.live.load().snap.config.server.shutdown_grace;
+    tracing::info!(grace = %humantime::format_duration(grace), active = shared.active_connections(), "shutting down: no longer accepting");
+    crate::systemd::stopping();
+    shared.phase.send_replace(Phase::Draining);
+    reloader.lock().await.listeners().close_all();
+    let deadline = Instant::now() + grace;
+    let mut second_signal = false;
+    while shared.active_connections() > 0 && Instant::now() < deadline {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = term.recv() => { second_signal = true; break }
+            _ = int.recv() => { second_signal = true; break }
+        }
+    }
+    shared.phase.send_replace(Phase::Closing);
+    if !second_signal {
+        // Give the closing connections a moment to log and count.
+        let closing = Instant::now();
+        while shared.active_connections() > 0 && closing.elapsed() < Duration::from_secs(1) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    tracing::info!(left = shared.active_connections(), immediate = second_signal, "moat stopped");
+    0
+}

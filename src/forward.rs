@@ -1,0 +1,146 @@
+//! Forwarding: bytes copied unchanged both ways, a FIN passed on as a FIN
+//! while the other direction keeps flowing, bytes counted as they pass.
+//!
+//! Plaintext uses readiness and borrows a buffer from a per-thread pool only
+//! while data is in flight, so an idle connection holds no buffer at all.
+
+use prometheus::IntCounter;
+use std::cell::RefCell;
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Size of one in-flight chunk.
+const CHUNK: usize = 64 * 1024;
+/// Buffers kept per worker thread for reuse.
+const POOL_PER_THREAD: usize = 16;
+
+thread_local! {
+    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_buf() -> Box<[u8]> {
+    POOL.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; CHUNK].into_boxed_slice())
+}
+
+fn give_buf(buf: Box<[u8]>) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOL_PER_THREAD {
+            p.push(buf);
+        }
+    });
+}
+
+/// Last time (ms on the daemon's clock) any byte moved; read by the idle timer.
+#[derive(Default)]
+pub struct Activity(AtomicU64);
+
+impl Activity {
+    pub fn touch(&self, now_ms: u64) {
+        self.0.store(now_ms, Ordering::Relaxed);
+    }
+
+    pub fn last(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Per-direction counters and the activity clock.
+pub struct Meter<'a> {
+    pub to_upstream: &'a IntCounter,
+    pub to_client: &'a IntCounter,
+    pub activity: &'a Activity,
+    pub clock: &'a (dyn Fn() -> u64 + Sync),
+}
+
+/// Bytes moved in each direction.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    pub to_upstream: u64,
+    pub to_client: u64,
+}
+
+/// Forwards between two plaintext sockets until both directions are done.
+pub async fn plain(client: &TcpStream, upstream: &TcpStream, m: &Meter<'_>) -> io::Result<Totals> {
+    let up = pump_plain(client, upstream, m.to_upstream, m);
+    let down = pump_plain(upstream, client, m.to_client, m);
+    let (to_upstream, to_client) = tokio::try_join!(up, down)?;
+    Ok(Totals { to_upstream, to_client })
+}
+
+async fn pump_plain(from: &TcpStream, to: &TcpStream, counter: &IntCounter, m: &Meter<'_>) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        from.readable().await?;
+        let mut buf = take_buf();
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => {
+                give_buf(buf);
+                // Pass the FIN on; the other direction keeps flowing.
+                let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+                return Ok(total);
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                give_buf(buf);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let mut off = 0;
+        while off < n {
+            to.writable().await?;
+            match to.try_write(&buf[off..n]) {
+                Ok(w) => off += w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        give_buf(buf);
+        total += n as u64;
+        counter.inc_by(n as u64);
+        m.activity.touch((m.clock)());
+    }
+}
+
+/// Forwards between a terminated TLS stream and the plaintext upstream.
+pub async fn stream<C>(client: C, upstream: &mut TcpStream, m: &Meter<'_>) -> io::Result<Totals>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = upstream.split();
+    let up = pump_stream(&mut cr, &mut uw, m.to_upstream, m);
+    let down = pump_stream(&mut ur, &mut cw, m.to_client, m);
+    let (to_upstream, to_client) = tokio::try_join!(up, down)?;
+    Ok(Totals { to_upstream, to_client })
+}
+
+async fn pump_stream<R, W>(r: &mut R, w: &mut W, counter: &IntCounter, m: &Meter<'_>) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(n) => n,
+            // A TLS peer that closes without close_notify: treat as a FIN.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            let _ = w.shutdown().await;
+            return Ok(total);
+        }
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
+        total += n as u64;
+        counter.inc_by(n as u64);
+        m.activity.touch((m.clock)());
+    }
+}

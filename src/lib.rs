@@ -1,0 +1,21 @@
+//! moat: a network-edge firewall and TLS-terminating TCP proxy for MongoDB
+//! hosts. The binary (`src/main.rs`) is a thin command line over this crate.
+#![forbid(unsafe_code)]
+
+pub mod addr;
+pub mod admin;
+pub mod admission;
+pub mod config;
+pub mod conn;
+pub mod daemon;
+pub mod forward;
+pub mod listener;
+pub mod logging;
+pub mod metrics;
+pub mod proxy_header;
+pub mod reload;
+pub mod rules;
+pub mod snapshot;
+pub mod state;
+pub mod systemd;
+pub mod tls;

@@ -1,0 +1,172 @@
+//! The `moat` command line: `run`, `check`, `explain`, `--version`.
+
+use clap::{Parser, Subcommand};
+use moat::admission::admit;
+use moat::config::{self, Config, Plan};
+use moat::snapshot::Snapshot;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+#[derive(Parser)]
+#[command(name = "moat", version, about = "Network-edge firewall and TLS-terminating proxy for MongoDB hosts")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Config file [default: $MOAT_CONFIG, else /etc/moat/moat.toml]
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    fn path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .or_else(|| std::env::var_os("MOAT_CONFIG").filter(|v| !v.is_empty()).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/etc/moat/moat.toml"))
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run(ConfigArg),
+    /// Load and fully validate the config and every file it names.
+    Check(ConfigArg),
+    /// Say whether a connection from IP would be admitted, and by which rule.
+    Explain {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The deployment to test against.
+        #[arg(long, value_name = "NAME")]
+        deployment: String,
+        /// The client address.
+        ip: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run(c) => moat::daemon::run(&c.path()),
+        Command::Check(c) => check(&c.path()),
+        Command::Explain { config, deployment, ip } => explain(&config.path(), &deployment, &ip),
+    };
+    ExitCode::from(code as u8)
+}
+
+fn check(path: &std::path::Path) -> i32 {
+    match config::load(path, SystemTime::now()) {
+        Ok(c) => {
+            print!("{}", summary(&c));
+            0
+        }
+        Err(e) => {
+            moat::daemon::print_diagnostics(&e.errors);
+            moat::daemon::print_diagnostics(&e.warnings);
+            eprintln!("{}: invalid: {} error(s), {} warning(s)", path.display(), e.errors.len(), e.warnings.len());
+            1
+        }
+    }
+}
+
+fn summary(c: &Config) -> String {
+    use std::fmt::Write;
+    let snap = Snapshot::compile(Arc::new(clone_for_summary(c)), Arc::default(), SystemTime::now());
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: OK", c.path.display());
+    let _ = writeln!(out, "deployments: {}", c.deployments.len());
+    for (d, comp) in c.deployments.iter().zip(&snap.compiled) {
+        let plan = match d.plan {
+            Plan::Dedicated => "dedicated",
+            Plan::Shared => "shared",
+        };
+        let tls = match &d.tls {
+            None => "plaintext".to_string(),
+            Some(t) => format!("tls {:?}", t.mode).to_lowercase(),
+        };
+        let listen: Vec<String> = d.listen.iter().map(|a| a.to_string()).collect();
+        let rules = match d.plan {
+            Plan::Shared => "admits every source".to_string(),
+            Plan::Dedicated => format!("{} rules, {} effective prefixes", d.rules.len(), comp.table.prefixes()),
+        };
+        let _ = writeln!(out, "  {} ({plan}, {tls}): {} -> {}; {rules}", d.name, listen.join(", "), d.upstream);
+    }
+    let _ = writeln!(out, "listeners: {}", c.listeners.len());
+    for l in &c.listeners {
+        let names: Vec<&str> = l.deployments.iter().map(|&i| c.deployments[i].name.as_str()).collect();
+        let v6 = if l.v6_only { " (IPv6 only)" } else { "" };
+        let _ = writeln!(out, "  {}{v6}: {}", l.addr, names.join(", "));
+    }
+    let _ = writeln!(out, "warnings: {}", c.warnings.len());
+    for w in &c.warnings {
+        let _ = writeln!(out, "  {w}");
+    }
+    out
+}
+
+/// `Snapshot::compile` takes the config by `Arc`; the summary borrows it.
+fn clone_for_summary(c: &Config) -> Config {
+    Config {
+        path: c.path.clone(),
+        server: c.server.clone(),
+        limits: c.limits.clone(),
+        security_groups: c.security_groups.clone(),
+        deployments: c.deployments.clone(),
+        listeners: c.listeners.clone(),
+        files: c.files.clone(),
+        fingerprint: c.fingerprint,
+        warnings: Vec::new(),
+    }
+}
+
+fn explain(path: &std::path::Path, deployment: &str, ip: &str) -> i32 {
+    let config = match config::load(path, SystemTime::now()) {
+        Ok(c) => c,
+        Err(e) => {
+            moat::daemon::print_diagnostics(&e.errors);
+            return 2;
+        }
+    };
+    let Ok(ip) = ip.trim().parse::<IpAddr>() else {
+        eprintln!("moat explain: \"{ip}\" is not an IP address; give one like 10.0.3.4 or 2001:db8::1");
+        return 2;
+    };
+    let ip = moat::addr::canonical(ip);
+    let snap = Snapshot::compile(Arc::new(config), Arc::default(), SystemTime::now());
+    let Some(index) = snap.deployment_index(deployment) else {
+        let names: Vec<&str> = snap.config.deployments.iter().map(|d| d.name.as_str()).collect();
+        eprintln!("moat explain: there is no deployment named \"{deployment}\"; the config has: {}", names.join(", "));
+        return 2;
+    };
+    match admit(&snap, index, ip) {
+        Ok(permit) => {
+            let compiled = &snap.compiled[index];
+            match permit.rule_index().map(|i| compiled.prefixes[i as usize]) {
+                None => println!("allow {deployment} {ip}: plan = \"shared\" admits every source"),
+                Some((net, src)) => {
+                    let source = &compiled.sources[src as usize];
+                    let mut extra = String::new();
+                    if let Some(g) = &source.group {
+                        extra.push_str(&format!(", member of security group {} of account {} (membership file)", g.id, g.account));
+                    }
+                    if source.owner != index {
+                        extra.push_str(&format!(", copied from deployment \"{}\"", snap.config.deployments[source.owner].name));
+                    }
+                    println!("allow {deployment} {ip} by \"{}\" ({net}{extra})", source.description);
+                }
+            }
+            0
+        }
+        Err(d) => {
+            println!("deny {deployment} {ip}: {d}");
+            1
+        }
+    }
+}

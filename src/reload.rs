@@ -1,0 +1,248 @@
+//! Reload: files are re-read through the same `config::load` as start-up,
+//! and a valid result is compiled and published in one swap; an invalid one
+//! changes nothing. Triggers: the directory watcher (in-place writes, editor
+//! renames, Kubernetes `..data` symlink swaps), SIGHUP, and rule expiry.
+
+use crate::config::{self, Config};
+use crate::listener::Listeners;
+use crate::metrics::{metrics, DeploymentMetrics};
+use crate::snapshot::{GroupMembers, Snapshot};
+use crate::state::{DeploymentState, Live, Shared};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{mpsc, Mutex};
+
+/// Quiet time that ends a burst of file events.
+const SETTLE: Duration = Duration::from_millis(150);
+/// Longest a steady stream of events can postpone a reload.
+const SETTLE_MAX: Duration = Duration::from_secs(2);
+
+/// Builds a generation, reusing the runtime state of deployments that stay.
+pub fn build_live(snap: Snapshot, old: &[Arc<DeploymentState>]) -> Live {
+    let by_name: HashMap<&str, &Arc<DeploymentState>> = old.iter().map(|s| (&*s.name, s)).collect();
+    let deployments: Vec<Arc<DeploymentState>> = snap
+        .config
+        .deployments
+        .iter()
+        .map(|d| by_name.get(d.name.as_str()).map_or_else(|| Arc::new(DeploymentState::new(&d.name)), |s| (*s).clone()))
+        .collect();
+    for s in old {
+        if !deployments.iter().any(|n| n.name == s.name) {
+            DeploymentMetrics::remove(&s.name);
+        }
+    }
+    Live { snap, deployments }
+}
+
+/// Gauges that describe the configuration in force.
+pub fn update_gauges(live: &Live) {
+    let m = metrics();
+    for (d, c) in live.snap.config.deployments.iter().zip(&live.snap.compiled) {
+        m.rules.with_label_values(&[&d.name]).set(c.table.prefixes() as i64);
+        match d.tls.as_ref().and_then(|t| t.not_after) {
+            Some(na) => m.cert_expiry.with_label_values(&[&d.name]).set(na as f64),
+            None => {
+                let _ = m.cert_expiry.remove_label_values(&[&d.name]);
+            }
+        }
+    }
+    let sg = &live.snap.config.security_groups;
+    let keys: BTreeSet<_> = sg.members.keys().chain(live.snap.resolved.keys()).collect();
+    m.group_members.reset();
+    for k in keys {
+        let mut nets: Vec<_> = sg.members.get(k).into_iter().flatten().chain(live.snap.resolved.get(k).into_iter().flatten()).collect();
+        nets.sort();
+        nets.dedup();
+        m.group_members.with_label_values(&[&k.account, &k.id]).set(nets.len() as i64);
+    }
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Records a successful load (start-up or reload).
+pub fn mark_success() {
+    let m = metrics();
+    m.last_reload_successful.set(1);
+    m.last_reload_success_timestamp.set(now_secs());
+}
+
+/// Owns the listeners and serialises every change of generation.
+pub struct Reloader {
+    shared: Arc<Shared>,
+    path: PathBuf,
+    listeners: Listeners,
+}
+
+impl Reloader {
+    pub fn new(shared: Arc<Shared>, path: PathBuf, listeners: Listeners) -> Self {
+        Reloader { shared, path, listeners }
+    }
+
+    pub fn listeners(&mut self) -> &mut Listeners {
+        &mut self.listeners
+    }
+
+    /// Re-reads the files. Unless `force`, nothing happens when their bytes
+    /// are unchanged. Returns whether a new generation was published.
+    pub fn reload(&mut self, force: bool, why: &str) -> bool {
+        let started = Instant::now();
+        let current = self.shared.live.load_full();
+        if !force && config::fingerprint(&current.snap.config.files) == Some(current.snap.config.fingerprint) {
+            tracing::debug!(trigger = why, "files unchanged; nothing to reload");
+            return false;
+        }
+        crate::systemd::reloading();
+        let published = match config::load(&self.path, SystemTime::now()) {
+            Err(e) => {
+                for d in &e.errors {
+                    tracing::error!(trigger = why, "reload refused, running config kept: {d}");
+                }
+                false
+            }
+            Ok(cfg) => {
+                if !force && cfg.fingerprint == current.snap.config.fingerprint {
+                    crate::systemd::ready();
+                    return false;
+                }
+                self.apply(cfg, &current, why, started)
+            }
+        };
+        let m = metrics();
+        if published {
+            m.reloads.with_label_values(&["success"]).inc();
+            mark_success();
+        } else {
+            m.reloads.with_label_values(&["failure"]).inc();
+            m.last_reload_successful.set(0);
+        }
+        crate::systemd::ready();
+        published
+    }
+
+    fn apply(&mut self, cfg: Config, current: &Live, why: &str, started: Instant) -> bool {
+        for w in &cfg.warnings {
+            tracing::warn!("{w}");
+        }
+        let snap = Snapshot::compile(Arc::new(cfg), current.snap.resolved.clone(), SystemTime::now());
+        let prepared = match self.listeners.prepare(&snap.config.listeners) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(trigger = why, "reload refused, running config kept: {e}");
+                return false;
+            }
+        };
+        let live = build_live(snap, &current.deployments);
+        update_gauges(&live);
+        let listeners = live.snap.config.listeners.clone();
+        self.shared.publish(live);
+        self.listeners.commit(&self.shared, prepared, &listeners);
+        tracing::info!(trigger = why, elapsed_ms = started.elapsed().as_millis() as u64, "configuration reloaded");
+        true
+    }
+
+    /// Rebuilds the current generation at a new instant (rules expire) or
+    /// with new security-group members, without re-reading files.
+    pub fn recompile(&mut self, resolved: Option<Arc<GroupMembers>>, why: &str) {
+        let current = self.shared.live.load_full();
+        let resolved = resolved.unwrap_or_else(|| current.snap.resolved.clone());
+        let snap = Snapshot::compile(current.snap.config.clone(), resolved, SystemTime::now());
+        let live = build_live(snap, &current.deployments);
+        update_gauges(&live);
+        self.shared.publish(live);
+        tracing::info!(trigger = why, "rules recompiled");
+    }
+}
+
+/// Directories to watch: those of every file the config read.
+fn watched_dirs(files: &[PathBuf]) -> BTreeSet<PathBuf> {
+    files
+        .iter()
+        .map(|f| f.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf())
+        .collect()
+}
+
+/// Watches the directories of every file in use and reloads after a burst
+/// of changes settles. Never stops; a watch that fails is logged and retried
+/// at the next reload.
+pub async fn watch_files(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let mut watcher = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if !matches!(ev.kind, EventKind::Access(_)) {
+                let _ = tx.send(());
+            }
+        }
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the config files; reload with SIGHUP");
+            return;
+        }
+    };
+    let mut watching: BTreeSet<PathBuf> = BTreeSet::new();
+    loop {
+        let wanted = watched_dirs(&shared.live.load().snap.config.files);
+        for gone in watching.difference(&wanted) {
+            let _ = watcher.unwatch(gone);
+        }
+        let mut now_watching = BTreeSet::new();
+        for dir in &wanted {
+            if watching.contains(dir) {
+                now_watching.insert(dir.clone());
+                continue;
+            }
+            match watcher.watch(dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    now_watching.insert(dir.clone());
+                }
+                Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory"),
+            }
+        }
+        watching = now_watching;
+        if rx.recv().await.is_none() {
+            return;
+        }
+        let burst = Instant::now();
+        while burst.elapsed() < SETTLE_MAX {
+            match tokio::time::timeout(SETTLE, rx.recv()).await {
+                Ok(Some(())) => continue,
+                _ => break,
+            }
+        }
+        reloader.lock().await.reload(false, "file change");
+    }
+}
+
+/// Rebuilds the rules when the next `expires` instant passes.
+pub async fn expire_rules(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
+    let mut generation = shared.generation.subscribe();
+    loop {
+        let next = shared.live.load().snap.next_expiry;
+        let wait = next.map(|t| t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO));
+        tokio::select! {
+            _ = async { match wait { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {
+                reloader.lock().await.recompile(None, "rule expired");
+            }
+            r = generation.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Summarises refusals that the rate limit kept out of the log.
+pub async fn summarise_refusals(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        for s in shared.live.load().deployments.iter() {
+            let n = s.refusals.take_suppressed();
+            if n > 0 {
+                tracing::info!(deployment = %s.name, suppressed = n, "{n} more refused connections not logged");
+            }
+        }
+    }
+}
