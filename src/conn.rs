@@ -14,6 +14,7 @@
 //! | forward      | `idle_timeout`, revocation, shutdown | `allowed` counted at dial; one info line at the end |
 
 use crate::admission::{admit, readmit, Deny, Permit};
+use crate::classify::{classify, FirstBytes};
 use crate::config::{OnRevoke, TlsMode};
 use crate::forward::{self, Activity, Meter, Totals};
 use crate::metrics::Outcome;
@@ -144,9 +145,9 @@ impl Conn {
             Some(tls) => {
                 let is_tls = match tls.mode {
                     TlsMode::Require => true,
-                    TlsMode::Allow => match timeout(self.handshake_timeout, first_byte(&stream)).await {
-                        Ok(Ok(Some(b))) => b == 0x16,
-                        Ok(_) => return, // closed before sending anything
+                    TlsMode::Allow => match timeout(self.handshake_timeout, first_bytes(&stream)).await {
+                        Ok(Ok(kind)) => kind == FirstBytes::Tls,
+                        Ok(Err(_)) => return, // closed before sending anything
                         Err(_) => return tls_timeout(&state, stream, self.source),
                     },
                 };
@@ -348,9 +349,19 @@ async fn peek_header(stream: &TcpStream) -> io::Result<Prefix> {
     }
 }
 
-async fn first_byte(stream: &TcpStream) -> io::Result<Option<u8>> {
-    let mut b = [0u8; 1];
-    Ok((stream.peek(&mut b).await? == 1).then_some(b[0]))
+/// Peeks until the first bytes tell TLS from plaintext.
+async fn first_bytes(stream: &TcpStream) -> io::Result<FirstBytes> {
+    let mut buf = [0u8; 12];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        match classify(&buf[..n]) {
+            FirstBytes::Undecided => tokio::time::sleep(Duration::from_millis(5)).await,
+            kind => return Ok(kind),
+        }
+    }
 }
 
 fn log_refusal(shared: &Shared, state: &DeploymentState, source: IpAddr, reason: &str) {

@@ -5,6 +5,7 @@
 pub mod addr;
 pub mod admin;
 pub mod admission;
+pub mod classify;
 pub mod config;
 pub mod conn;
 pub mod daemon;

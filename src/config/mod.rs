@@ -8,7 +8,7 @@ mod validate;
 pub mod values;
 
 pub use diag::{ConfigError, Diagnostic, Severity};
-pub use validate::{fingerprint, load};
+pub use validate::{fingerprint, load, load_bytes};
 
 use ipnet::IpNet;
 use std::collections::BTreeMap;

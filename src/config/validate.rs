@@ -14,25 +14,29 @@ use toml::Spanned;
 /// Loads and fully validates the config at `path` and every file it names.
 /// `now` decides which rules have already expired (a warning).
 pub fn load(path: &Path, now: SystemTime) -> Result<Config, ConfigError> {
-    let mut report = Report::default();
-    let mut hasher = Sha256::new();
-    let mut files = vec![path.to_path_buf()];
-    let text = match std::fs::read(path) {
-        Ok(bytes) => {
-            hash_file(&mut hasher, path, &bytes);
-            String::from_utf8_lossy(&bytes).into_owned()
-        }
+    match std::fs::read(path) {
+        Ok(bytes) => load_bytes(path, &bytes, now),
         Err(e) => {
+            let mut report = Report::default();
             report.file_error(
                 path,
                 format!("cannot read the config file: {e}; pass the right path with -c or MOAT_CONFIG"),
             );
-            return Err(finish(report));
+            Err(finish(report))
         }
-    };
+    }
+}
+
+/// Validates config text as if read from `path` (files it names are read
+/// relative to `path`'s directory). The fuzz target's entry point.
+pub fn load_bytes(path: &Path, bytes: &[u8], now: SystemTime) -> Result<Config, ConfigError> {
+    let mut report = Report::default();
+    let mut hasher = Sha256::new();
+    let mut files = vec![path.to_path_buf()];
+    hash_file(&mut hasher, path, bytes);
     let src = Source {
         path: path.to_path_buf(),
-        text,
+        text: String::from_utf8_lossy(bytes).into_owned(),
     };
     let raw: RawConfig = match toml::from_str(&src.text) {
         Ok(raw) => raw,
