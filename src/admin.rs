@@ -19,25 +19,30 @@ const REQUEST_MAX: usize = 8 * 1024;
 /// it on a thread of its own.
 pub fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<()> {
     let std_listener = crate::listener::bind(addr, false)?;
-    std::thread::Builder::new().name("moat-admin".into()).spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => return tracing::error!(error = %e, "admin runtime failed to start"),
-        };
-        rt.block_on(async move {
-            let listener = match TcpListener::from_std(std_listener) {
-                Ok(l) => l,
-                Err(e) => return tracing::error!(error = %e, "admin listener failed"),
+    std::thread::Builder::new()
+        .name("moat-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return tracing::error!(error = %e, "admin runtime failed to start"),
             };
-            loop {
-                if let Ok((s, _)) = listener.accept().await {
-                    tokio::spawn(serve(s, shared.clone()));
-                } else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+            rt.block_on(async move {
+                let listener = match TcpListener::from_std(std_listener) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!(error = %e, "admin listener failed"),
+                };
+                loop {
+                    if let Ok((s, _)) = listener.accept().await {
+                        tokio::spawn(serve(s, shared.clone()));
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 }
-            }
-        });
-    })?;
+            });
+        })?;
     Ok(())
 }
 
@@ -48,17 +53,30 @@ async fn serve(mut s: TcpStream, shared: Arc<Shared>) {
         _ => return,
     };
     let (status, ctype, body): (&str, &str, Vec<u8>) = match path.as_str() {
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", crate::metrics::render()),
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            crate::metrics::render(),
+        ),
         "/healthz" => ("200 OK", "text/plain", b"ok\n".to_vec()),
         "/readyz" => {
-            let ready = shared.ready.load(Ordering::Acquire) && *shared.phase.borrow() == Phase::Running;
+            let ready =
+                shared.ready.load(Ordering::Acquire) && *shared.phase.borrow() == Phase::Running;
             if ready {
                 ("200 OK", "text/plain", b"ready\n".to_vec())
             } else {
-                ("503 Service Unavailable", "text/plain", b"not ready\n".to_vec())
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    b"not ready\n".to_vec(),
+                )
             }
         }
-        _ => ("404 Not Found", "text/plain", b"not found; try /metrics, /healthz or /readyz\n".to_vec()),
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            b"not found; try /metrics, /healthz or /readyz\n".to_vec(),
+        ),
     };
     let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
     let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {

@@ -60,7 +60,11 @@ impl fmt::Display for Deny {
 #[inline]
 pub fn admit(snap: &Snapshot, deployment: usize, source: IpAddr) -> Result<Permit, Deny> {
     let source = canonical(source);
-    let d = snap.config.deployments.get(deployment).ok_or(Deny::UnknownDeployment)?;
+    let d = snap
+        .config
+        .deployments
+        .get(deployment)
+        .ok_or(Deny::UnknownDeployment)?;
     if d.plan == Plan::Shared {
         return Ok(Permit {
             source,

@@ -60,7 +60,12 @@ fn reset(stream: TcpStream) {
 }
 
 /// Handles one accepted connection on the listener bound to `listen`.
-pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, listen: SocketAddr) {
+pub async fn serve(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    listen: SocketAddr,
+) {
     let started = Instant::now();
     let live = shared.live.load_full();
     let Some(spec) = live.snap.listener(listen) else {
@@ -79,8 +84,17 @@ pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr,
             match timeout(handshake_timeout, proxy_header::read(&mut stream)).await {
                 Ok(Ok(Origin::Client(ip))) => source = crate::addr::canonical(ip),
                 Ok(Ok(Origin::Local)) => {}
-                Ok(Err(e)) => return proxy_error(&live.deployments[first], stream, peer_ip, &e.to_string()),
-                Err(_) => return proxy_error(&live.deployments[first], stream, peer_ip, "no PROXY protocol header within handshake_timeout"),
+                Ok(Err(e)) => {
+                    return proxy_error(&live.deployments[first], stream, peer_ip, &e.to_string())
+                }
+                Err(_) => {
+                    return proxy_error(
+                        &live.deployments[first],
+                        stream,
+                        peer_ip,
+                        "no PROXY protocol header within handshake_timeout",
+                    )
+                }
             }
         } else {
             check_untrusted_header = true;
@@ -92,11 +106,27 @@ pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr,
     let permit = if single {
         match admit(&live.snap, first, source) {
             Ok(p) => Some(p),
-            Err(d) => return refuse(&shared, &live.deployments[first], stream, source, Outcome::Denied, &d.to_string()),
+            Err(d) => {
+                return refuse(
+                    &shared,
+                    &live.deployments[first],
+                    stream,
+                    source,
+                    Outcome::Denied,
+                    &d.to_string(),
+                )
+            }
         }
     } else {
         if !deps.iter().any(|&d| admit(&live.snap, d, source).is_ok()) {
-            return refuse(&shared, &live.deployments[first], stream, source, Outcome::Denied, "no rule of any deployment on this address matches");
+            return refuse(
+                &shared,
+                &live.deployments[first],
+                stream,
+                source,
+                Outcome::Denied,
+                "no rule of any deployment on this address matches",
+            );
         }
         None
     };
@@ -104,7 +134,14 @@ pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr,
     if check_untrusted_header {
         match timeout(handshake_timeout, peek_header(&stream)).await {
             Ok(Ok(Prefix::NotHeader)) => {}
-            Ok(Ok(_)) => return proxy_error(&live.deployments[first], stream, source, "PROXY protocol header from an untrusted peer"),
+            Ok(Ok(_)) => {
+                return proxy_error(
+                    &live.deployments[first],
+                    stream,
+                    source,
+                    "PROXY protocol header from an untrusted peer",
+                )
+            }
             Ok(Err(_)) => return,
             Err(_) => return tls_timeout(&live.deployments[first], stream, source),
         }
@@ -137,7 +174,14 @@ impl Conn {
         let dep = permit.deployment();
         let state = self.live.deployments[dep].clone();
         let Some(slot) = self.shared.acquire(&self.live, dep, self.source) else {
-            return refuse(&self.shared, &state, stream, self.source, Outcome::Limited, "connection limit reached");
+            return refuse(
+                &self.shared,
+                &state,
+                stream,
+                self.source,
+                Outcome::Limited,
+                "connection limit reached",
+            );
         };
         let tls = self.live.snap.config.deployments[dep].tls.clone();
         match tls {
@@ -145,11 +189,13 @@ impl Conn {
             Some(tls) => {
                 let is_tls = match tls.mode {
                     TlsMode::Require => true,
-                    TlsMode::Allow => match timeout(self.handshake_timeout, first_bytes(&stream)).await {
-                        Ok(Ok(kind)) => kind == FirstBytes::Tls,
-                        Ok(Err(_)) => return, // closed before sending anything
-                        Err(_) => return tls_timeout(&state, stream, self.source),
-                    },
+                    TlsMode::Allow => {
+                        match timeout(self.handshake_timeout, first_bytes(&stream)).await {
+                            Ok(Ok(kind)) => kind == FirstBytes::Tls,
+                            Ok(Err(_)) => return, // closed before sending anything
+                            Err(_) => return tls_timeout(&state, stream, self.source),
+                        }
+                    }
                 };
                 if !is_tls {
                     return self.plain(stream, permit, slot).await;
@@ -158,11 +204,18 @@ impl Conn {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
                 match timeout(self.handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => {
-                        state.metrics.tls_handshake.observe(start.elapsed().as_secs_f64());
+                        state
+                            .metrics
+                            .tls_handshake
+                            .observe(start.elapsed().as_secs_f64());
                         self.tls(s, permit, slot).await
                     }
                     Ok(Err(e)) => tls_failed(&state, self.source, &e.to_string()),
-                    Err(_) => tls_failed(&state, self.source, "no TLS handshake within handshake_timeout"),
+                    Err(_) => tls_failed(
+                        &state,
+                        self.source,
+                        "no TLS handshake within handshake_timeout",
+                    ),
                 }
             }
         }
@@ -172,15 +225,29 @@ impl Conn {
     async fn routed(self, stream: TcpStream, deps: &[usize]) {
         let first = self.live.deployments[deps[0]].clone();
         let start = Instant::now();
-        let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+        let acceptor =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
         let handshake = match timeout(self.handshake_timeout, acceptor).await {
             Ok(Ok(h)) => h,
             Ok(Err(e)) => return tls_failed(&first, self.source, &e.to_string()),
-            Err(_) => return tls_failed(&first, self.source, "no TLS ClientHello within handshake_timeout"),
+            Err(_) => {
+                return tls_failed(
+                    &first,
+                    self.source,
+                    "no TLS ClientHello within handshake_timeout",
+                )
+            }
         };
-        let sni = handshake.client_hello().server_name().map(|s| s.trim_end_matches('.').to_ascii_lowercase());
+        let sni = handshake
+            .client_hello()
+            .server_name()
+            .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
         let config = &self.live.snap.config;
-        let Some(dep) = sni.as_deref().and_then(|name| deps.iter().copied().find(|&d| config.deployments[d].server_names.iter().any(|n| n == name))) else {
+        let Some(dep) = sni.as_deref().and_then(|name| {
+            deps.iter()
+                .copied()
+                .find(|&d| config.deployments[d].server_names.iter().any(|n| n == name))
+        }) else {
             let why = match sni {
                 Some(n) => format!("unknown SNI name \"{n}\""),
                 None => "no SNI name in the ClientHello".to_string(),
@@ -198,17 +265,36 @@ impl Conn {
         };
         let Some(slot) = self.shared.acquire(&self.live, dep, self.source) else {
             state.metrics.count(Outcome::Limited);
-            log_refusal(&self.shared, &state, self.source, "connection limit reached");
+            log_refusal(
+                &self.shared,
+                &state,
+                self.source,
+                "connection limit reached",
+            );
             return;
         };
-        let Some(tls) = config.deployments[dep].tls.as_ref() else { return };
-        match timeout(self.handshake_timeout.saturating_sub(start.elapsed()), handshake.into_stream(tls.server.clone())).await {
+        let Some(tls) = config.deployments[dep].tls.as_ref() else {
+            return;
+        };
+        match timeout(
+            self.handshake_timeout.saturating_sub(start.elapsed()),
+            handshake.into_stream(tls.server.clone()),
+        )
+        .await
+        {
             Ok(Ok(s)) => {
-                state.metrics.tls_handshake.observe(start.elapsed().as_secs_f64());
+                state
+                    .metrics
+                    .tls_handshake
+                    .observe(start.elapsed().as_secs_f64());
                 self.tls(s, permit, slot).await
             }
             Ok(Err(e)) => tls_failed(&state, self.source, &e.to_string()),
-            Err(_) => tls_failed(&state, self.source, "no TLS handshake within handshake_timeout"),
+            Err(_) => tls_failed(
+                &state,
+                self.source,
+                "no TLS handshake within handshake_timeout",
+            ),
         }
     }
 
@@ -217,12 +303,15 @@ impl Conn {
     }
 
     async fn tls(self, client: TlsStream<TcpStream>, permit: Permit, slot: Slot) {
-        self.proxy(Client::Tls(Box::new(client)), permit, slot).await
+        self.proxy(Client::Tls(Box::new(client)), permit, slot)
+            .await
     }
 
     async fn proxy(self, client: Client, permit: Permit, slot: Slot) {
         let state = slot.state.clone();
-        let Some(upstream) = self.dial(&permit, &state).await else { return };
+        let Some(upstream) = self.dial(&permit, &state).await else {
+            return;
+        };
         self.run(&permit, &state, client, upstream).await;
         drop(slot);
     }
@@ -231,8 +320,15 @@ impl Conn {
     async fn dial(&self, permit: &Permit, state: &DeploymentState) -> Option<TcpStream> {
         let d = &self.live.snap.config.deployments[permit.deployment()];
         let start = Instant::now();
-        let result = timeout(d.limits.connect_timeout, TcpStream::connect(d.upstream.as_str())).await;
-        state.metrics.upstream_connect.observe(start.elapsed().as_secs_f64());
+        let result = timeout(
+            d.limits.connect_timeout,
+            TcpStream::connect(d.upstream.as_str()),
+        )
+        .await;
+        state
+            .metrics
+            .upstream_connect
+            .observe(start.elapsed().as_secs_f64());
         let error = match result {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
@@ -240,7 +336,10 @@ impl Conn {
                 return Some(s);
             }
             Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within connect_timeout ({})", humantime::format_duration(d.limits.connect_timeout)),
+            Err(_) => format!(
+                "no answer within connect_timeout ({})",
+                humantime::format_duration(d.limits.connect_timeout)
+            ),
         };
         state.metrics.count(Outcome::UpstreamError);
         tracing::warn!(deployment = %state.name, source = %self.source, upstream = %d.upstream, error = %error, "upstream unreachable; client connection closed");
@@ -249,7 +348,13 @@ impl Conn {
 
     /// Forwards until the connection ends, is revoked, idles out or the
     /// daemon's grace period ends; then logs the connection's one line.
-    async fn run(self, permit: &Permit, state: &DeploymentState, client: Client, mut upstream: TcpStream) {
+    async fn run(
+        self,
+        permit: &Permit,
+        state: &DeploymentState,
+        client: Client,
+        mut upstream: TcpStream,
+    ) {
         let limits = &self.live.snap.config.deployments[permit.deployment()].limits;
         let activity = Activity::default();
         let shared = self.shared.clone();
@@ -281,17 +386,27 @@ impl Conn {
             _ = closing(&self.shared) => End::Shutdown,
         };
         state.metrics.active.dec();
-        let (rule, cidr) = permit.rule(&self.live.snap).map_or(("shared plan", String::new()), |(d, n)| (d, n.to_string()));
+        let (rule, cidr) = permit
+            .rule(&self.live.snap)
+            .map_or(("shared plan", String::new()), |(d, n)| (d, n.to_string()));
         let ms = self.started.elapsed().as_millis() as u64;
         match end {
-            End::Finished(Ok(t)) => tracing::info!(deployment = %state.name, source = %self.source, outcome = "allowed", rule, cidr, to_upstream = t.to_upstream, to_client = t.to_client, duration_ms = ms, "connection closed"),
-            End::Finished(Err(e)) => tracing::info!(deployment = %state.name, source = %self.source, outcome = "allowed", rule, cidr, duration_ms = ms, error = %e, "connection ended with an error"),
+            End::Finished(Ok(t)) => {
+                tracing::info!(deployment = %state.name, source = %self.source, outcome = "allowed", rule, cidr, to_upstream = t.to_upstream, to_client = t.to_client, duration_ms = ms, "connection closed")
+            }
+            End::Finished(Err(e)) => {
+                tracing::info!(deployment = %state.name, source = %self.source, outcome = "allowed", rule, cidr, duration_ms = ms, error = %e, "connection ended with an error")
+            }
             End::Revoked(why) => {
                 state.metrics.revoked.inc();
                 tracing::warn!(deployment = %state.name, source = %self.source, outcome = "allowed", rule, cidr, duration_ms = ms, reason = %why, "connection revoked: the rules no longer admit its source");
             }
-            End::Idle => tracing::info!(deployment = %state.name, source = %self.source, outcome = "allowed", rule, cidr, duration_ms = ms, "connection closed after idle_timeout"),
-            End::Shutdown => tracing::info!(deployment = %state.name, source = %self.source, outcome = "allowed", rule, cidr, duration_ms = ms, "connection closed: shutdown grace period over"),
+            End::Idle => {
+                tracing::info!(deployment = %state.name, source = %self.source, outcome = "allowed", rule, cidr, duration_ms = ms, "connection closed after idle_timeout")
+            }
+            End::Shutdown => {
+                tracing::info!(deployment = %state.name, source = %self.source, outcome = "allowed", rule, cidr, duration_ms = ms, "connection closed: shutdown grace period over")
+            }
         }
     }
 }
@@ -370,7 +485,14 @@ fn log_refusal(shared: &Shared, state: &DeploymentState, source: IpAddr, reason:
     }
 }
 
-fn refuse(shared: &Shared, state: &DeploymentState, stream: TcpStream, source: IpAddr, outcome: Outcome, reason: &str) {
+fn refuse(
+    shared: &Shared,
+    state: &DeploymentState,
+    stream: TcpStream,
+    source: IpAddr,
+    outcome: Outcome,
+    reason: &str,
+) {
     reset(stream);
     state.metrics.count(outcome);
     if state.refusals.allow(shared.now_ms()) {

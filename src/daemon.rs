@@ -29,7 +29,11 @@ pub fn run(path: &Path) -> i32 {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("moat-worker").build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("moat-worker")
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");
@@ -46,6 +50,7 @@ pub fn print_diagnostics(ds: &[Diagnostic]) {
 }
 
 async fn serve(config: config::Config, path: &Path) -> i32 {
+    crate::metrics::init();
     let config = Arc::new(config);
     let snap = Snapshot::compile(config.clone(), Arc::default(), SystemTime::now());
     let live = reload::build_live(snap, &[]);
@@ -69,9 +74,17 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
     shared.ready.store(true, Ordering::Release);
     crate::systemd::ready();
     crate::systemd::spawn_watchdog();
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), deployments = config.deployments.len(), "moat is ready");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        deployments = config.deployments.len(),
+        "moat is ready"
+    );
 
-    let reloader = Arc::new(Mutex::new(Reloader::new(shared.clone(), path.to_path_buf(), listeners)));
+    let reloader = Arc::new(Mutex::new(Reloader::new(
+        shared.clone(),
+        path.to_path_buf(),
+        listeners,
+    )));
     tokio::spawn(reload::watch_files(shared.clone(), reloader.clone()));
     tokio::spawn(reload::expire_rules(shared.clone(), reloader.clone()));
     tokio::spawn(reload::summarise_refusals(shared.clone()));
@@ -114,6 +127,10 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    tracing::info!(left = shared.active_connections(), immediate = second_signal, "moat stopped");
+    tracing::info!(
+        left = shared.active_connections(),
+        immediate = second_signal,
+        "moat stopped"
+    );
     0
 }

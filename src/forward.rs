@@ -22,7 +22,8 @@ thread_local! {
 }
 
 fn take_buf() -> Box<[u8]> {
-    POOL.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; CHUNK].into_boxed_slice())
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; CHUNK].into_boxed_slice())
 }
 
 fn give_buf(buf: Box<[u8]>) {
@@ -68,10 +69,18 @@ pub async fn plain(client: &TcpStream, upstream: &TcpStream, m: &Meter<'_>) -> i
     let up = pump_plain(client, upstream, m.to_upstream, m);
     let down = pump_plain(upstream, client, m.to_client, m);
     let (to_upstream, to_client) = tokio::try_join!(up, down)?;
-    Ok(Totals { to_upstream, to_client })
+    Ok(Totals {
+        to_upstream,
+        to_client,
+    })
 }
 
-async fn pump_plain(from: &TcpStream, to: &TcpStream, counter: &IntCounter, m: &Meter<'_>) -> io::Result<u64> {
+async fn pump_plain(
+    from: &TcpStream,
+    to: &TcpStream,
+    counter: &IntCounter,
+    m: &Meter<'_>,
+) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         from.readable().await?;
@@ -116,10 +125,18 @@ where
     let up = pump_stream(&mut cr, &mut uw, m.to_upstream, m);
     let down = pump_stream(&mut ur, &mut cw, m.to_client, m);
     let (to_upstream, to_client) = tokio::try_join!(up, down)?;
-    Ok(Totals { to_upstream, to_client })
+    Ok(Totals {
+        to_upstream,
+        to_client,
+    })
 }
 
-async fn pump_stream<R, W>(r: &mut R, w: &mut W, counter: &IntCounter, m: &Meter<'_>) -> io::Result<u64>
+async fn pump_stream<R, W>(
+    r: &mut R,
+    w: &mut W,
+    counter: &IntCounter,
+    m: &Meter<'_>,
+) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

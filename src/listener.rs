@@ -76,7 +76,8 @@ impl Listeners {
             match TcpListener::from_std(l) {
                 Ok(l) => {
                     tracing::info!(listen = %key.0, "listening");
-                    self.running.insert(key, tokio::spawn(accept_loop(shared.clone(), l, key.0)));
+                    self.running
+                        .insert(key, tokio::spawn(accept_loop(shared.clone(), l, key.0)));
                 }
                 Err(e) => tracing::error!(listen = %key.0, error = %e, "cannot accept on listener"),
             }

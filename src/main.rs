@@ -11,7 +11,11 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 #[derive(Parser)]
-#[command(name = "moat", version, about = "Network-edge firewall and TLS-terminating proxy for MongoDB hosts")]
+#[command(
+    name = "moat",
+    version,
+    about = "Network-edge firewall and TLS-terminating proxy for MongoDB hosts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,7 +32,11 @@ impl ConfigArg {
     fn path(&self) -> PathBuf {
         self.config
             .clone()
-            .or_else(|| std::env::var_os("MOAT_CONFIG").filter(|v| !v.is_empty()).map(PathBuf::from))
+            .or_else(|| {
+                std::env::var_os("MOAT_CONFIG")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
             .unwrap_or_else(|| PathBuf::from("/etc/moat/moat.toml"))
     }
 }
@@ -56,7 +64,11 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(c) => moat::daemon::run(&c.path()),
         Command::Check(c) => check(&c.path()),
-        Command::Explain { config, deployment, ip } => explain(&config.path(), &deployment, &ip),
+        Command::Explain {
+            config,
+            deployment,
+            ip,
+        } => explain(&config.path(), &deployment, &ip),
     };
     ExitCode::from(code as u8)
 }
@@ -70,7 +82,12 @@ fn check(path: &std::path::Path) -> i32 {
         Err(e) => {
             moat::daemon::print_diagnostics(&e.errors);
             moat::daemon::print_diagnostics(&e.warnings);
-            eprintln!("{}: invalid: {} error(s), {} warning(s)", path.display(), e.errors.len(), e.warnings.len());
+            eprintln!(
+                "{}: invalid: {} error(s), {} warning(s)",
+                path.display(),
+                e.errors.len(),
+                e.warnings.len()
+            );
             1
         }
     }
@@ -78,7 +95,11 @@ fn check(path: &std::path::Path) -> i32 {
 
 fn summary(c: &Config) -> String {
     use std::fmt::Write;
-    let snap = Snapshot::compile(Arc::new(clone_for_summary(c)), Arc::default(), SystemTime::now());
+    let snap = Snapshot::compile(
+        Arc::new(clone_for_summary(c)),
+        Arc::default(),
+        SystemTime::now(),
+    );
     let mut out = String::new();
     let _ = writeln!(out, "{}: OK", c.path.display());
     let _ = writeln!(out, "deployments: {}", c.deployments.len());
@@ -94,13 +115,27 @@ fn summary(c: &Config) -> String {
         let listen: Vec<String> = d.listen.iter().map(|a| a.to_string()).collect();
         let rules = match d.plan {
             Plan::Shared => "admits every source".to_string(),
-            Plan::Dedicated => format!("{} rules, {} effective prefixes", d.rules.len(), comp.table.prefixes()),
+            Plan::Dedicated => format!(
+                "{} rules, {} effective prefixes",
+                d.rules.len(),
+                comp.table.prefixes()
+            ),
         };
-        let _ = writeln!(out, "  {} ({plan}, {tls}): {} -> {}; {rules}", d.name, listen.join(", "), d.upstream);
+        let _ = writeln!(
+            out,
+            "  {} ({plan}, {tls}): {} -> {}; {rules}",
+            d.name,
+            listen.join(", "),
+            d.upstream
+        );
     }
     let _ = writeln!(out, "listeners: {}", c.listeners.len());
     for l in &c.listeners {
-        let names: Vec<&str> = l.deployments.iter().map(|&i| c.deployments[i].name.as_str()).collect();
+        let names: Vec<&str> = l
+            .deployments
+            .iter()
+            .map(|&i| c.deployments[i].name.as_str())
+            .collect();
         let v6 = if l.v6_only { " (IPv6 only)" } else { "" };
         let _ = writeln!(out, "  {}{v6}: {}", l.addr, names.join(", "));
     }
@@ -135,14 +170,24 @@ fn explain(path: &std::path::Path, deployment: &str, ip: &str) -> i32 {
         }
     };
     let Ok(ip) = ip.trim().parse::<IpAddr>() else {
-        eprintln!("moat explain: \"{ip}\" is not an IP address; give one like 10.0.3.4 or 2001:db8::1");
+        eprintln!(
+            "moat explain: \"{ip}\" is not an IP address; give one like 10.0.3.4 or 2001:db8::1"
+        );
         return 2;
     };
     let ip = moat::addr::canonical(ip);
     let snap = Snapshot::compile(Arc::new(config), Arc::default(), SystemTime::now());
     let Some(index) = snap.deployment_index(deployment) else {
-        let names: Vec<&str> = snap.config.deployments.iter().map(|d| d.name.as_str()).collect();
-        eprintln!("moat explain: there is no deployment named \"{deployment}\"; the config has: {}", names.join(", "));
+        let names: Vec<&str> = snap
+            .config
+            .deployments
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        eprintln!(
+            "moat explain: there is no deployment named \"{deployment}\"; the config has: {}",
+            names.join(", ")
+        );
         return 2;
     };
     match admit(&snap, index, ip) {
@@ -154,12 +199,21 @@ fn explain(path: &std::path::Path, deployment: &str, ip: &str) -> i32 {
                     let source = &compiled.sources[src as usize];
                     let mut extra = String::new();
                     if let Some(g) = &source.group {
-                        extra.push_str(&format!(", member of security group {} of account {} (membership file)", g.id, g.account));
+                        extra.push_str(&format!(
+                            ", member of security group {} of account {} (membership file)",
+                            g.id, g.account
+                        ));
                     }
                     if source.owner != index {
-                        extra.push_str(&format!(", copied from deployment \"{}\"", snap.config.deployments[source.owner].name));
+                        extra.push_str(&format!(
+                            ", copied from deployment \"{}\"",
+                            snap.config.deployments[source.owner].name
+                        ));
                     }
-                    println!("allow {deployment} {ip} by \"{}\" ({net}{extra})", source.description);
+                    println!(
+                        "allow {deployment} {ip} by \"{}\" ({net}{extra})",
+                        source.description
+                    );
                 }
             }
             0

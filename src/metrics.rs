@@ -3,8 +3,8 @@
 //! No label ever carries a client address.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::sync::LazyLock;
 
@@ -59,39 +59,124 @@ pub struct Metrics {
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
-    r.register(Box::new(c.clone())).expect("metric names are unique");
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
     c
 }
 
-const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let r = Registry::new();
-    let counter = |name: &str, help: &str, labels: &[&str]| register(&r, IntCounterVec::new(Opts::new(name, help), labels).unwrap());
-    let gauge = |name: &str, help: &str, labels: &[&str]| register(&r, IntGaugeVec::new(Opts::new(name, help), labels).unwrap());
+    let counter = |name: &str, help: &str, labels: &[&str]| {
+        register(
+            &r,
+            IntCounterVec::new(Opts::new(name, help), labels).unwrap(),
+        )
+    };
+    let gauge = |name: &str, help: &str, labels: &[&str]| {
+        register(&r, IntGaugeVec::new(Opts::new(name, help), labels).unwrap())
+    };
     let hist = |name: &str, help: &str| {
-        register(&r, HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), &["deployment"]).unwrap())
+        register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                &["deployment"],
+            )
+            .unwrap(),
+        )
     };
     Metrics {
-        connections: counter("moat_connections_total", "Connections by deployment and how they ended.", &["deployment", "outcome"]),
-        active: gauge("moat_connections_active", "Connections being proxied now.", &["deployment"]),
-        bytes: counter("moat_bytes_total", "Bytes proxied.", &["deployment", "direction"]),
+        connections: counter(
+            "moat_connections_total",
+            "Connections by deployment and how they ended.",
+            &["deployment", "outcome"],
+        ),
+        active: gauge(
+            "moat_connections_active",
+            "Connections being proxied now.",
+            &["deployment"],
+        ),
+        bytes: counter(
+            "moat_bytes_total",
+            "Bytes proxied.",
+            &["deployment", "direction"],
+        ),
         tls_handshake: hist("moat_tls_handshake_seconds", "TLS handshake duration."),
-        upstream_connect: hist("moat_upstream_connect_seconds", "Time to connect to the upstream."),
-        revoked: counter("moat_revoked_connections_total", "Live connections closed because the rules no longer admit them.", &["deployment"]),
-        cert_expiry: register(&r, GaugeVec::new(Opts::new("moat_tls_certificate_expiry_timestamp_seconds", "notAfter of the served certificate."), &["deployment"]).unwrap()),
-        rules: gauge("moat_rules", "Effective prefixes, after copies and security groups.", &["deployment"]),
-        reloads: counter("moat_config_reloads_total", "Config reloads by result.", &["result"]),
-        group_members: gauge("moat_security_group_members", "Members of a security group (file and API).", &["aws_account", "security_group"]),
-        group_refreshes: counter("moat_security_group_refreshes_total", "EC2 security-group refreshes by result.", &["result"]),
-        last_reload_successful: register(&r, IntGauge::new("moat_config_last_reload_successful", "1 if the last reload succeeded.").unwrap()),
-        last_reload_success_timestamp: register(&r, Gauge::new("moat_config_last_reload_success_timestamp_seconds", "When the config was last loaded successfully.").unwrap()),
+        upstream_connect: hist(
+            "moat_upstream_connect_seconds",
+            "Time to connect to the upstream.",
+        ),
+        revoked: counter(
+            "moat_revoked_connections_total",
+            "Live connections closed because the rules no longer admit them.",
+            &["deployment"],
+        ),
+        cert_expiry: register(
+            &r,
+            GaugeVec::new(
+                Opts::new(
+                    "moat_tls_certificate_expiry_timestamp_seconds",
+                    "notAfter of the served certificate.",
+                ),
+                &["deployment"],
+            )
+            .unwrap(),
+        ),
+        rules: gauge(
+            "moat_rules",
+            "Effective prefixes, after copies and security groups.",
+            &["deployment"],
+        ),
+        reloads: counter(
+            "moat_config_reloads_total",
+            "Config reloads by result.",
+            &["result"],
+        ),
+        group_members: gauge(
+            "moat_security_group_members",
+            "Members of a security group (file and API).",
+            &["aws_account", "security_group"],
+        ),
+        group_refreshes: counter(
+            "moat_security_group_refreshes_total",
+            "EC2 security-group refreshes by result.",
+            &["result"],
+        ),
+        last_reload_successful: register(
+            &r,
+            IntGauge::new(
+                "moat_config_last_reload_successful",
+                "1 if the last reload succeeded.",
+            )
+            .unwrap(),
+        ),
+        last_reload_success_timestamp: register(
+            &r,
+            Gauge::new(
+                "moat_config_last_reload_success_timestamp_seconds",
+                "When the config was last loaded successfully.",
+            )
+            .unwrap(),
+        ),
         registry: r,
     }
 });
 
 pub fn metrics() -> &'static Metrics {
     &METRICS
+}
+
+/// Creates the label sets that must be visible (at 0) before anything happens.
+pub fn init() {
+    let m = metrics();
+    for result in ["success", "failure"] {
+        m.reloads.with_label_values(&[result]);
+        m.group_refreshes.with_label_values(&[result]);
+    }
 }
 
 /// The Prometheus text exposition of every metric.
@@ -116,7 +201,8 @@ impl DeploymentMetrics {
     pub fn new(deployment: &str) -> Self {
         let m = metrics();
         DeploymentMetrics {
-            outcomes: Outcome::ALL.map(|o| m.connections.with_label_values(&[deployment, o.label()])),
+            outcomes: Outcome::ALL
+                .map(|o| m.connections.with_label_values(&[deployment, o.label()])),
             active: m.active.with_label_values(&[deployment]),
             to_upstream: m.bytes.with_label_values(&[deployment, "to_upstream"]),
             to_client: m.bytes.with_label_values(&[deployment, "to_client"]),

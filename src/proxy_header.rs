@@ -44,8 +44,12 @@ pub fn parse(header: &[u8]) -> Result<Origin, HeaderError> {
         }),
         HeaderResult::V2(Ok(h)) => match (h.command, h.addresses) {
             (v2::Command::Local, _) => Ok(Origin::Local),
-            (v2::Command::Proxy, v2::Addresses::IPv4(a)) => Ok(Origin::Client(IpAddr::V4(a.source_address))),
-            (v2::Command::Proxy, v2::Addresses::IPv6(a)) => Ok(Origin::Client(IpAddr::V6(a.source_address))),
+            (v2::Command::Proxy, v2::Addresses::IPv4(a)) => {
+                Ok(Origin::Client(IpAddr::V4(a.source_address)))
+            }
+            (v2::Command::Proxy, v2::Addresses::IPv6(a)) => {
+                Ok(Origin::Client(IpAddr::V6(a.source_address)))
+            }
             (v2::Command::Proxy, other) => Err(HeaderError::Malformed(format!(
                 "address family {:?} cannot be admitted by IP rules",
                 other.address_family()
@@ -72,7 +76,11 @@ pub fn prefix(bytes: &[u8]) -> Prefix {
     for sig in [b"PROXY " as &[u8], V2_SIGNATURE] {
         let n = bytes.len().min(sig.len());
         if bytes[..n] == sig[..n] {
-            return if n == sig.len() { Prefix::Header } else { Prefix::Undecided };
+            return if n == sig.len() {
+                Prefix::Header
+            } else {
+                Prefix::Undecided
+            };
         }
     }
     Prefix::NotHeader
@@ -110,12 +118,18 @@ pub async fn read(stream: &mut TcpStream) -> Result<Origin, HeaderError> {
                 if room == 0 {
                     return Err(HeaderError::TooLong);
                 }
-                let n = stream.peek(&mut peeked[..room]).await.map_err(|_| HeaderError::Truncated)?;
+                let n = stream
+                    .peek(&mut peeked[..room])
+                    .await
+                    .map_err(|_| HeaderError::Truncated)?;
                 if n == 0 {
                     return Err(HeaderError::Truncated);
                 }
                 // Take bytes up to and including the first '\n', or all of them.
-                let take = peeked[..n].iter().position(|&b| b == b'\n').map_or(n, |i| i + 1);
+                let take = peeked[..n]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(n, |i| i + 1);
                 let start = buf.len();
                 buf.resize(start + take, 0);
                 read_exact(stream, &mut buf[start..]).await?;
@@ -129,7 +143,11 @@ pub async fn read(stream: &mut TcpStream) -> Result<Origin, HeaderError> {
 }
 
 async fn read_exact(stream: &mut TcpStream, buf: &mut [u8]) -> Result<(), HeaderError> {
-    stream.read_exact(buf).await.map(drop).map_err(|_| HeaderError::Truncated)
+    stream
+        .read_exact(buf)
+        .await
+        .map(drop)
+        .map_err(|_| HeaderError::Truncated)
 }
 
 #[cfg(test)]
@@ -143,9 +161,14 @@ mod tests {
             Ok(Origin::Client("192.0.2.1".parse().unwrap()))
         );
         assert_eq!(parse(b"PROXY UNKNOWN\r\n"), Ok(Origin::Local));
-        assert!(matches!(parse(b"PROXY TCP4 300.0.2.1 1.1.1.1 1 2\r\n"), Err(HeaderError::Malformed(_))));
+        assert!(matches!(
+            parse(b"PROXY TCP4 300.0.2.1 1.1.1.1 1 2\r\n"),
+            Err(HeaderError::Malformed(_))
+        ));
         let mut v2 = V2_SIGNATURE.to_vec();
-        v2.extend_from_slice(&[0x21, 0x11, 0, 12, 192, 0, 2, 9, 10, 0, 0, 1, 0x15, 0xb3, 0x69, 0x89]);
+        v2.extend_from_slice(&[
+            0x21, 0x11, 0, 12, 192, 0, 2, 9, 10, 0, 0, 1, 0x15, 0xb3, 0x69, 0x89,
+        ]);
         assert_eq!(parse(&v2), Ok(Origin::Client("192.0.2.9".parse().unwrap())));
         let mut local = V2_SIGNATURE.to_vec();
         local.extend_from_slice(&[0x20, 0x00, 0, 0]);

@@ -26,7 +26,11 @@ pub fn build_live(snap: Snapshot, old: &[Arc<DeploymentState>]) -> Live {
         .config
         .deployments
         .iter()
-        .map(|d| by_name.get(d.name.as_str()).map_or_else(|| Arc::new(DeploymentState::new(&d.name)), |s| (*s).clone()))
+        .map(|d| {
+            by_name
+                .get(d.name.as_str())
+                .map_or_else(|| Arc::new(DeploymentState::new(&d.name)), |s| (*s).clone())
+        })
         .collect();
     for s in old {
         if !deployments.iter().any(|n| n.name == s.name) {
@@ -40,7 +44,9 @@ pub fn build_live(snap: Snapshot, old: &[Arc<DeploymentState>]) -> Live {
 pub fn update_gauges(live: &Live) {
     let m = metrics();
     for (d, c) in live.snap.config.deployments.iter().zip(&live.snap.compiled) {
-        m.rules.with_label_values(&[&d.name]).set(c.table.prefixes() as i64);
+        m.rules
+            .with_label_values(&[&d.name])
+            .set(c.table.prefixes() as i64);
         match d.tls.as_ref().and_then(|t| t.not_after) {
             Some(na) => m.cert_expiry.with_label_values(&[&d.name]).set(na as f64),
             None => {
@@ -52,15 +58,25 @@ pub fn update_gauges(live: &Live) {
     let keys: BTreeSet<_> = sg.members.keys().chain(live.snap.resolved.keys()).collect();
     m.group_members.reset();
     for k in keys {
-        let mut nets: Vec<_> = sg.members.get(k).into_iter().flatten().chain(live.snap.resolved.get(k).into_iter().flatten()).collect();
+        let mut nets: Vec<_> = sg
+            .members
+            .get(k)
+            .into_iter()
+            .flatten()
+            .chain(live.snap.resolved.get(k).into_iter().flatten())
+            .collect();
         nets.sort();
         nets.dedup();
-        m.group_members.with_label_values(&[&k.account, &k.id]).set(nets.len() as i64);
+        m.group_members
+            .with_label_values(&[&k.account, &k.id])
+            .set(nets.len() as i64);
     }
 }
 
 fn now_secs() -> f64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Records a successful load (start-up or reload).
@@ -79,7 +95,11 @@ pub struct Reloader {
 
 impl Reloader {
     pub fn new(shared: Arc<Shared>, path: PathBuf, listeners: Listeners) -> Self {
-        Reloader { shared, path, listeners }
+        Reloader {
+            shared,
+            path,
+            listeners,
+        }
     }
 
     pub fn listeners(&mut self) -> &mut Listeners {
@@ -91,7 +111,10 @@ impl Reloader {
     pub fn reload(&mut self, force: bool, why: &str) -> bool {
         let started = Instant::now();
         let current = self.shared.live.load_full();
-        if !force && config::fingerprint(&current.snap.config.files) == Some(current.snap.config.fingerprint) {
+        if !force
+            && config::fingerprint(&current.snap.config.files)
+                == Some(current.snap.config.fingerprint)
+        {
             tracing::debug!(trigger = why, "files unchanged; nothing to reload");
             return false;
         }
@@ -127,7 +150,11 @@ impl Reloader {
         for w in &cfg.warnings {
             tracing::warn!("{w}");
         }
-        let snap = Snapshot::compile(Arc::new(cfg), current.snap.resolved.clone(), SystemTime::now());
+        let snap = Snapshot::compile(
+            Arc::new(cfg),
+            current.snap.resolved.clone(),
+            SystemTime::now(),
+        );
         let prepared = match self.listeners.prepare(&snap.config.listeners) {
             Ok(p) => p,
             Err(e) => {
@@ -140,7 +167,11 @@ impl Reloader {
         let listeners = live.snap.config.listeners.clone();
         self.shared.publish(live);
         self.listeners.commit(&self.shared, prepared, &listeners);
-        tracing::info!(trigger = why, elapsed_ms = started.elapsed().as_millis() as u64, "configuration reloaded");
+        tracing::info!(
+            trigger = why,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "configuration reloaded"
+        );
         true
     }
 
@@ -161,7 +192,12 @@ impl Reloader {
 fn watched_dirs(files: &[PathBuf]) -> BTreeSet<PathBuf> {
     files
         .iter()
-        .map(|f| f.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf())
+        .map(|f| {
+            f.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf()
+        })
         .collect()
 }
 
@@ -171,19 +207,20 @@ fn watched_dirs(files: &[PathBuf]) -> BTreeSet<PathBuf> {
 pub async fn watch_files(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
     use notify::{EventKind, RecursiveMode, Watcher};
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let mut watcher = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res {
-            if !matches!(ev.kind, EventKind::Access(_)) {
-                let _ = tx.send(());
+    let mut watcher =
+        match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(ev) = res {
+                if !matches!(ev.kind, EventKind::Access(_)) {
+                    let _ = tx.send(());
+                }
             }
-        }
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch the config files; reload with SIGHUP");
-            return;
-        }
-    };
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the config files; reload with SIGHUP");
+                return;
+            }
+        };
     let mut watching: BTreeSet<PathBuf> = BTreeSet::new();
     loop {
         let wanted = watched_dirs(&shared.live.load().snap.config.files);
@@ -200,7 +237,9 @@ pub async fn watch_files(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
                 Ok(()) => {
                     now_watching.insert(dir.clone());
                 }
-                Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory"),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory")
+                }
             }
         }
         watching = now_watching;
@@ -223,7 +262,10 @@ pub async fn expire_rules(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
     let mut generation = shared.generation.subscribe();
     loop {
         let next = shared.live.load().snap.next_expiry;
-        let wait = next.map(|t| t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO));
+        let wait = next.map(|t| {
+            t.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        });
         tokio::select! {
             _ = async { match wait { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {
                 reloader.lock().await.recompile(None, "rule expired");

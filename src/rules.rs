@@ -60,9 +60,7 @@ impl<K: Key> Ranges<K> {
     /// or disjoint, so a sweep with a stack of open prefixes suffices.
     fn build(mut spans: Vec<Span<K>>) -> Self {
         // Wider prefixes first at the same start; the earliest rule wins a tie.
-        spans.sort_unstable_by(|a, b| {
-            (a.first, a.len, a.rule).cmp(&(b.first, b.len, b.rule))
-        });
+        spans.sort_unstable_by(|a, b| (a.first, a.len, a.rule).cmp(&(b.first, b.len, b.rule)));
         let mut out = Ranges {
             starts: Vec::with_capacity(spans.len() * 2 + 1),
             rules: Vec::with_capacity(spans.len() * 2 + 1),
@@ -70,7 +68,10 @@ impl<K: Key> Ranges<K> {
         let mut open: Vec<Span<K>> = Vec::new();
         // Next address not yet assigned to a range; None once past the top.
         let mut cursor: Option<K> = Some(K::MIN);
-        let close_until = |out: &mut Ranges<K>, open: &mut Vec<Span<K>>, cursor: &mut Option<K>, bound: Option<K>| {
+        let close_until = |out: &mut Ranges<K>,
+                           open: &mut Vec<Span<K>>,
+                           cursor: &mut Option<K>,
+                           bound: Option<K>| {
             while let Some(top) = open.last().copied() {
                 if let Some(b) = bound {
                     if top.last >= b {
@@ -266,11 +267,15 @@ mod tests {
             out.push(n.broadcast());
             match n.broadcast() {
                 IpAddr::V4(b) => out.push(IpAddr::V4(Ipv4Addr::from(u32::from(b).wrapping_add(1)))),
-                IpAddr::V6(b) => out.push(IpAddr::V6(Ipv6Addr::from(u128::from(b).wrapping_add(1)))),
+                IpAddr::V6(b) => {
+                    out.push(IpAddr::V6(Ipv6Addr::from(u128::from(b).wrapping_add(1))))
+                }
             }
             match n.network() {
                 IpAddr::V4(b) => out.push(IpAddr::V4(Ipv4Addr::from(u32::from(b).wrapping_sub(1)))),
-                IpAddr::V6(b) => out.push(IpAddr::V6(Ipv6Addr::from(u128::from(b).wrapping_sub(1)))),
+                IpAddr::V6(b) => {
+                    out.push(IpAddr::V6(Ipv6Addr::from(u128::from(b).wrapping_sub(1))))
+                }
             }
         }
         out

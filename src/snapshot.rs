@@ -46,7 +46,11 @@ pub struct Snapshot {
 /// The deployments whose rules apply to `d`: itself and the transitive
 /// closure of `copy_rules_from` (cycles allowed).
 pub fn reachable(deps: &[Deployment], d: &Deployment) -> Vec<usize> {
-    let by_name: HashMap<&str, usize> = deps.iter().enumerate().map(|(i, d)| (d.name.as_str(), i)).collect();
+    let by_name: HashMap<&str, usize> = deps
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.name.as_str(), i))
+        .collect();
     let mut seen = vec![false; deps.len()];
     let mut order = Vec::new();
     let mut queue: VecDeque<usize> = by_name.get(d.name.as_str()).copied().into_iter().collect();
@@ -86,7 +90,12 @@ impl Snapshot {
                         match &rule.target {
                             RuleTarget::Cidr(net) => prefixes.push((*net, idx)),
                             RuleTarget::Group(key) => {
-                                let file = config.security_groups.members.get(key).into_iter().flatten();
+                                let file = config
+                                    .security_groups
+                                    .members
+                                    .get(key)
+                                    .into_iter()
+                                    .flatten();
                                 let api = resolved.get(key).into_iter().flatten();
                                 prefixes.extend(file.chain(api).map(|n| (*n, idx)));
                             }
@@ -102,8 +111,16 @@ impl Snapshot {
                     }
                 }
             }
-            let table = RuleTable::build(prefixes.iter().enumerate().map(|(i, (net, _))| (*net, i as u32)));
-            let trusted = d.proxy_trusted.as_ref().map(|nets| RuleTable::build(nets.iter().map(|n| (*n, 0))));
+            let table = RuleTable::build(
+                prefixes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (net, _))| (*net, i as u32)),
+            );
+            let trusted = d
+                .proxy_trusted
+                .as_ref()
+                .map(|nets| RuleTable::build(nets.iter().map(|n| (*n, 0))));
             compiled.push(Compiled {
                 table,
                 prefixes,
@@ -111,7 +128,12 @@ impl Snapshot {
                 trusted,
             });
         }
-        let index = config.deployments.iter().enumerate().map(|(i, d)| (d.name.clone(), i)).collect();
+        let index = config
+            .deployments
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.name.clone(), i))
+            .collect();
         Snapshot {
             config,
             resolved,

@@ -116,7 +116,9 @@ impl Shared {
 
 fn take(counter: &AtomicUsize, cap: usize) -> bool {
     counter
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1))
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < cap).then_some(n + 1)
+        })
         .is_ok()
 }
 

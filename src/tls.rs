@@ -56,21 +56,31 @@ fn certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
 
 /// Builds the server config; every failure names which file is at fault.
 pub fn server_config(files: &Files) -> Result<Loaded, TlsFileError> {
-    let chain = certs(files.cert).map_err(|m| TlsFileError::Cert(format!("{m}; give a PEM certificate chain, leaf first")))?;
+    let chain = certs(files.cert).map_err(|m| {
+        TlsFileError::Cert(format!("{m}; give a PEM certificate chain, leaf first"))
+    })?;
     let not_after = match x509_parser::parse_x509_certificate(&chain[0]) {
         Ok((_, cert)) => Some(cert.validity().not_after.timestamp()),
         Err(e) => return Err(TlsFileError::Cert(format!("the first certificate cannot be parsed ({e}); give a PEM certificate chain, leaf first"))),
     };
     let key = PrivateKeyDer::from_pem_slice(files.key).map_err(|e| {
-        TlsFileError::Key(format!("no usable private key in it ({e}); give a PEM key in PKCS#8, PKCS#1 or SEC1 form"))
+        TlsFileError::Key(format!(
+            "no usable private key in it ({e}); give a PEM key in PKCS#8, PKCS#1 or SEC1 form"
+        ))
     })?;
     let provider = provider();
     let signing = provider
         .key_provider
         .load_private_key(key.clone_key())
-        .map_err(|e| TlsFileError::Key(format!("the private key is not usable ({e}); give an RSA, ECDSA or Ed25519 key")))?;
+        .map_err(|e| {
+            TlsFileError::Key(format!(
+                "the private key is not usable ({e}); give an RSA, ECDSA or Ed25519 key"
+            ))
+        })?;
     let certified = CertifiedKey::new(chain.clone(), signing);
-    if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) = certified.keys_match() {
+    if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+        certified.keys_match()
+    {
         return Err(TlsFileError::Mismatch("the certificate does not match the private key; give the key the certificate was issued for".into()));
     }
     let versions: &[&rustls::SupportedProtocolVersion] = if files.tls13_only {
@@ -85,19 +95,29 @@ pub fn server_config(files: &Files) -> Result<Loaded, TlsFileError> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            let cas = certs(ca).map_err(|m| TlsFileError::ClientCa(format!("{m}; give the PEM certificate of the CA that signs client certificates")))?;
+            let cas = certs(ca).map_err(|m| {
+                TlsFileError::ClientCa(format!(
+                    "{m}; give the PEM certificate of the CA that signs client certificates"
+                ))
+            })?;
             for c in cas {
-                roots.add(c).map_err(|e| TlsFileError::ClientCa(format!("a CA certificate is not usable ({e})")))?;
+                roots.add(c).map_err(|e| {
+                    TlsFileError::ClientCa(format!("a CA certificate is not usable ({e})"))
+                })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| TlsFileError::ClientCa(format!("cannot build a client verifier ({e})")))?;
+                .map_err(|e| {
+                    TlsFileError::ClientCa(format!("cannot build a client verifier ({e})"))
+                })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsFileError::Mismatch(format!("the certificate and key cannot be used together ({e})")))?;
+    let config = builder.with_single_cert(chain, key).map_err(|e| {
+        TlsFileError::Mismatch(format!(
+            "the certificate and key cannot be used together ({e})"
+        ))
+    })?;
     Ok(Loaded {
         config: Arc::new(config),
         not_after,
@@ -108,7 +128,10 @@ pub fn server_config(files: &Files) -> Result<Loaded, TlsFileError> {
 pub fn format_time(secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| secs.to_string())
 }
 

@@ -66,7 +66,13 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn push(&mut self, severity: Severity, file: &Path, at: Option<(usize, usize)>, message: String) {
+    pub fn push(
+        &mut self,
+        severity: Severity,
+        file: &Path,
+        at: Option<(usize, usize)>,
+        message: String,
+    ) {
         let d = Diagnostic {
             severity,
             file: file.to_path_buf(),

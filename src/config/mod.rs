@@ -4,6 +4,7 @@
 
 mod diag;
 mod raw;
+mod schema;
 mod validate;
 pub mod values;
 

@@ -20,7 +20,9 @@ pub fn load(path: &Path, now: SystemTime) -> Result<Config, ConfigError> {
             let mut report = Report::default();
             report.file_error(
                 path,
-                format!("cannot read the config file: {e}; pass the right path with -c or MOAT_CONFIG"),
+                format!(
+                    "cannot read the config file: {e}; pass the right path with -c or MOAT_CONFIG"
+                ),
             );
             Err(finish(report))
         }
@@ -38,13 +40,8 @@ pub fn load_bytes(path: &Path, bytes: &[u8], now: SystemTime) -> Result<Config, 
         path: path.to_path_buf(),
         text: String::from_utf8_lossy(bytes).into_owned(),
     };
-    let raw: RawConfig = match toml::from_str(&src.text) {
-        Ok(raw) => raw,
-        Err(e) => {
-            let span = e.span().unwrap_or(0..0);
-            report.error(&src, span, format!("{}; fix the TOML here", e.message().trim_end()));
-            return Err(finish(report));
-        }
+    let Some(raw) = parse::<RawConfig>(&mut report, &src, &super::schema::CONFIG) else {
+        return Err(finish(report));
     };
     let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut v = Validator {
@@ -62,6 +59,7 @@ pub fn load_bytes(path: &Path, bytes: &[u8], now: SystemTime) -> Result<Config, 
     let listeners = v.listeners(&raw.deployment, &deployments);
     if report.errors.is_empty() {
         let fingerprint = hasher.finalize().into();
+        let warnings = finish(report).warnings;
         Ok(Config {
             path: path.to_path_buf(),
             server,
@@ -71,10 +69,42 @@ pub fn load_bytes(path: &Path, bytes: &[u8], now: SystemTime) -> Result<Config, 
             listeners,
             files,
             fingerprint,
-            warnings: report.warnings,
+            warnings,
         })
     } else {
         Err(finish(report))
+    }
+}
+
+/// Parses TOML text: syntax errors, then the schema pass (unknown keys, wrong
+/// types, missing keys, all reported), then the typed structs.
+fn parse<T: serde::de::DeserializeOwned>(
+    report: &mut Report,
+    src: &Source,
+    schema: &super::schema::Schema,
+) -> Option<T> {
+    let (mut table, syntax) = toml::de::DeTable::parse_recoverable(&src.text);
+    if !syntax.is_empty() {
+        for e in syntax {
+            report.error(
+                src,
+                e.span().unwrap_or(0..0),
+                format!("{}; fix the TOML syntax here", e.message().trim_end()),
+            );
+        }
+        return None;
+    }
+    super::schema::check(report, src, &mut table, schema);
+    match T::deserialize(toml::de::Deserializer::from(table)) {
+        Ok(raw) => Some(raw),
+        Err(e) => {
+            report.error(
+                src,
+                e.span().unwrap_or(0..0),
+                format!("{}; fix the value here", e.message().trim_end()),
+            );
+            None
+        }
     }
 }
 
@@ -95,7 +125,10 @@ pub fn fingerprint(files: &[PathBuf]) -> Option<[u8; 32]> {
     Some(hasher.finalize().into())
 }
 
-fn finish(report: Report) -> ConfigError {
+fn finish(mut report: Report) -> ConfigError {
+    for list in [&mut report.errors, &mut report.warnings] {
+        list.sort_by(|a, b| (&a.file, a.at).cmp(&(&b.file, b.at)));
+    }
     ConfigError {
         errors: report.errors,
         warnings: report.warnings,
@@ -121,15 +154,29 @@ impl Validator<'_> {
     }
 
     fn duration(&mut self, key: &str, s: &Spanned<String>) -> Option<Duration> {
-        parse_duration(key, s.get_ref()).map_err(|m| self.err(s, m)).ok()
+        parse_duration(key, s.get_ref())
+            .map_err(|m| self.err(s, m))
+            .ok()
     }
 
-    fn choice<T: Copy>(&mut self, key: &str, s: &Spanned<String>, options: &[(&str, T)]) -> Option<T> {
+    fn choice<T: Copy>(
+        &mut self,
+        key: &str,
+        s: &Spanned<String>,
+        options: &[(&str, T)],
+    ) -> Option<T> {
         if let Some((_, v)) = options.iter().find(|(n, _)| *n == s.get_ref()) {
             return Some(*v);
         }
         let names: Vec<String> = options.iter().map(|(n, _)| format!("\"{n}\"")).collect();
-        self.err(s, format!("{key} = \"{}\" is not allowed; use {}", s.get_ref(), names.join(" or ")));
+        self.err(
+            s,
+            format!(
+                "{key} = \"{}\" is not allowed; use {}",
+                s.get_ref(),
+                names.join(" or ")
+            ),
+        );
         None
     }
 
@@ -153,15 +200,25 @@ impl Validator<'_> {
         }
         if let Some(f) = &raw.log_format {
             server.log_format = self
-                .choice("log_format", f, &[("text", LogFormat::Text), ("json", LogFormat::Json)])
+                .choice(
+                    "log_format",
+                    f,
+                    &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+                )
                 .unwrap_or(LogFormat::Text);
         }
         if let Some(g) = &raw.shutdown_grace {
-            server.shutdown_grace = self.duration("shutdown_grace", g).unwrap_or(server.shutdown_grace);
+            server.shutdown_grace = self
+                .duration("shutdown_grace", g)
+                .unwrap_or(server.shutdown_grace);
         }
         if let Some(r) = &raw.on_revoke {
             server.on_revoke = self
-                .choice("on_revoke", r, &[("close", OnRevoke::Close), ("keep", OnRevoke::Keep)])
+                .choice(
+                    "on_revoke",
+                    r,
+                    &[("close", OnRevoke::Close), ("keep", OnRevoke::Keep)],
+                )
                 .unwrap_or(OnRevoke::Close);
         }
         server
@@ -171,7 +228,14 @@ impl Validator<'_> {
         match u32::try_from(*s.get_ref()) {
             Ok(n) if n > 0 => Some(n),
             _ => {
-                self.err(s, format!("{key} = {} is out of range; use a whole number from 1 to {}", s.get_ref(), u32::MAX));
+                self.err(
+                    s,
+                    format!(
+                        "{key} = {} is out of range; use a whole number from 1 to {}",
+                        s.get_ref(),
+                        u32::MAX
+                    ),
+                );
                 None
             }
         }
@@ -189,13 +253,19 @@ impl Validator<'_> {
             l.max_connections = self.count("max_connections", n).or(l.max_connections);
         }
         if let Some(n) = &raw.max_connections_per_ip {
-            l.max_connections_per_ip = self.count("max_connections_per_ip", n).unwrap_or(l.max_connections_per_ip);
+            l.max_connections_per_ip = self
+                .count("max_connections_per_ip", n)
+                .unwrap_or(l.max_connections_per_ip);
         }
         if let Some(d) = &raw.connect_timeout {
-            l.connect_timeout = self.nonzero("connect_timeout", d).unwrap_or(l.connect_timeout);
+            l.connect_timeout = self
+                .nonzero("connect_timeout", d)
+                .unwrap_or(l.connect_timeout);
         }
         if let Some(d) = &raw.handshake_timeout {
-            l.handshake_timeout = self.nonzero("handshake_timeout", d).unwrap_or(l.handshake_timeout);
+            l.handshake_timeout = self
+                .nonzero("handshake_timeout", d)
+                .unwrap_or(l.handshake_timeout);
         }
         if let Some(d) = &raw.idle_timeout {
             if let Some(d) = self.duration("idle_timeout", d) {
@@ -208,7 +278,10 @@ impl Validator<'_> {
     fn nonzero(&mut self, key: &str, s: &Spanned<String>) -> Option<Duration> {
         let d = self.duration(key, s)?;
         if d.is_zero() {
-            self.err(s, format!("{key} must be longer than 0s; write it like \"5s\""));
+            self.err(
+                s,
+                format!("{key} must be longer than 0s; write it like \"5s\""),
+            );
             return None;
         }
         Some(d)
@@ -251,12 +324,9 @@ impl Validator<'_> {
             text: String::from_utf8_lossy(&bytes).into_owned(),
         };
         let mut out = BTreeMap::new();
-        let raw: RawMembership = match toml::from_str(&src.text) {
-            Ok(r) => r,
-            Err(e) => {
-                self.report.error(&src, e.span().unwrap_or(0..0), format!("{}; fix the TOML here", e.message().trim_end()));
-                return out;
-            }
+        let Some(raw) = parse::<RawMembership>(self.report, &src, &super::schema::MEMBERSHIP)
+        else {
+            return out;
         };
         for g in &raw.group {
             let g = g.get_ref();
@@ -273,7 +343,11 @@ impl Validator<'_> {
             for m in &g.members {
                 match parse_cidr(m.get_ref()) {
                     Ok(net) => members.push(net),
-                    Err(msg) => self.report.error(&src, m.span(), format!("group {}: {msg}", g.id.get_ref())),
+                    Err(msg) => self.report.error(
+                        &src,
+                        m.span(),
+                        format!("group {}: {msg}", g.id.get_ref()),
+                    ),
                 }
             }
             let key = GroupKey {
@@ -291,8 +365,18 @@ impl Validator<'_> {
         let a = raw.get_ref();
         let mut ok = true;
         let region = a.region.get_ref().trim().to_string();
-        if region.is_empty() || !region.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-            self.err(&a.region, format!("region = \"{}\" is not an AWS region; write it like \"us-east-1\"", a.region.get_ref()));
+        if region.is_empty()
+            || !region
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            self.err(
+                &a.region,
+                format!(
+                    "region = \"{}\" is not an AWS region; write it like \"us-east-1\"",
+                    a.region.get_ref()
+                ),
+            );
             ok = false;
         }
         let refresh = match &a.refresh {
@@ -336,9 +420,17 @@ impl Validator<'_> {
         })
     }
 
-    fn deployments(&mut self, raw: &[Spanned<RawDeployment>], global: &Limits, sg: &SecurityGroups) -> Vec<Deployment> {
+    fn deployments(
+        &mut self,
+        raw: &[Spanned<RawDeployment>],
+        global: &Limits,
+        sg: &SecurityGroups,
+    ) -> Vec<Deployment> {
         let mut seen: HashMap<&str, usize> = HashMap::new();
-        let names: BTreeSet<&str> = raw.iter().map(|d| d.get_ref().name.get_ref().as_str()).collect();
+        let names: BTreeSet<&str> = raw
+            .iter()
+            .map(|d| d.get_ref().name.get_ref().as_str())
+            .collect();
         let mut out = Vec::new();
         for d in raw {
             let r = d.get_ref();
@@ -354,21 +446,40 @@ impl Validator<'_> {
             }
             out.push(self.deployment(r, global, sg, &names));
         }
-        self.empty_rule_warnings(raw, &out);
+        if self.report.errors.is_empty() {
+            self.empty_rule_warnings(raw, &out);
+        }
         out
     }
 
-    fn deployment(&mut self, r: &RawDeployment, global: &Limits, sg: &SecurityGroups, names: &BTreeSet<&str>) -> Deployment {
+    fn deployment(
+        &mut self,
+        r: &RawDeployment,
+        global: &Limits,
+        sg: &SecurityGroups,
+        names: &BTreeSet<&str>,
+    ) -> Deployment {
         let name = r.name.get_ref().clone();
         let ctx = format!("deployment \"{name}\"");
         let plan = match &r.plan {
-            Some(p) => self.choice("plan", p, &[("dedicated", Plan::Dedicated), ("shared", Plan::Shared)]).unwrap_or(Plan::Dedicated),
+            Some(p) => self
+                .choice(
+                    "plan",
+                    p,
+                    &[("dedicated", Plan::Dedicated), ("shared", Plan::Shared)],
+                )
+                .unwrap_or(Plan::Dedicated),
             None => Plan::Dedicated,
         };
         let mut listen = Vec::new();
         let items = r.listen.get_ref().items();
         if items.is_empty() {
-            self.err(&r.listen, format!("{ctx}: listen is empty; give at least one address, like \"0.0.0.0:27017\""));
+            self.err(
+                &r.listen,
+                format!(
+                    "{ctx}: listen is empty; give at least one address, like \"0.0.0.0:27017\""
+                ),
+            );
         }
         for item in items {
             match item.parse::<SocketAddr>() {
@@ -412,7 +523,11 @@ impl Validator<'_> {
             nets
         });
         let mut limits = self.limits(r.limits.as_ref(), global, false);
-        if r.limits.as_ref().and_then(|l| l.max_connections.as_ref()).is_none() {
+        if r.limits
+            .as_ref()
+            .and_then(|l| l.max_connections.as_ref())
+            .is_none()
+        {
             limits.max_connections = None;
         }
         let tls = r.tls.as_ref().and_then(|t| {
@@ -450,7 +565,11 @@ impl Validator<'_> {
 
     fn tls(&mut self, ctx: &str, t: &RawTls) -> Option<Tls> {
         let mode = match &t.mode {
-            Some(m) => self.choice("mode", m, &[("require", TlsMode::Require), ("allow", TlsMode::Allow)])?,
+            Some(m) => self.choice(
+                "mode",
+                m,
+                &[("require", TlsMode::Require), ("allow", TlsMode::Allow)],
+            )?,
             None => TlsMode::Require,
         };
         let tls13_only = match &t.min_version {
@@ -465,7 +584,13 @@ impl Validator<'_> {
         };
         let (cert, key) = (cert?, key?);
         if key_readable_by_others(&key.0) {
-            self.warn(&t.key, format!("{ctx}: the private key {} is readable by other users; chmod 600 it", key.0.display()));
+            self.warn(
+                &t.key,
+                format!(
+                    "{ctx}: the private key {} is readable by other users; chmod 600 it",
+                    key.0.display()
+                ),
+            );
         }
         let files = tls::Files {
             cert: &cert.1,
@@ -476,7 +601,10 @@ impl Validator<'_> {
         match tls::server_config(&files) {
             Ok(loaded) => {
                 if let Some(na) = loaded.not_after {
-                    let now = self.now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+                    let now = self
+                        .now
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64);
                     if na < now {
                         self.warn(&t.cert, format!("{ctx}: the certificate {} expired (notAfter {}); clients will refuse it, renew it", cert.0.display(), tls::format_time(na)));
                     }
@@ -491,7 +619,10 @@ impl Validator<'_> {
                 let (at, path) = match &e {
                     TlsFileError::Cert(_) | TlsFileError::Mismatch(_) => (&t.cert, &cert.0),
                     TlsFileError::Key(_) => (&t.key, &key.0),
-                    TlsFileError::ClientCa(_) => (t.client_ca.as_ref().unwrap_or(&t.cert), &ca.as_ref().unwrap_or(&cert).0),
+                    TlsFileError::ClientCa(_) => (
+                        t.client_ca.as_ref().unwrap_or(&t.cert),
+                        &ca.as_ref().unwrap_or(&cert).0,
+                    ),
                 };
                 self.err(at, format!("{ctx}: {}: {e}", path.display()));
                 None
@@ -515,8 +646,10 @@ impl Validator<'_> {
                 }
             },
             (None, Some(acct), Some(group)) => {
-                let e1 = check_account(acct.get_ref()).map_err(|m| self.err(acct, format!("{ctx}: {m}")));
-                let e2 = check_group_id(group.get_ref()).map_err(|m| self.err(group, format!("{ctx}: {m}")));
+                let e1 = check_account(acct.get_ref())
+                    .map_err(|m| self.err(acct, format!("{ctx}: {m}")));
+                let e2 = check_group_id(group.get_ref())
+                    .map_err(|m| self.err(group, format!("{ctx}: {m}")));
                 if e1.is_err() || e2.is_err() {
                     return None;
                 }
@@ -538,7 +671,13 @@ impl Validator<'_> {
             Some(e) => match parse_expires(e.get_ref()) {
                 Ok(t) => {
                     if t <= self.now {
-                        self.warn(e, format!("{ctx}: this rule expired at {}; it is ignored, remove it", tls::format_system_time(t)));
+                        self.warn(
+                            e,
+                            format!(
+                                "{ctx}: this rule expired at {}; it is ignored, remove it",
+                                tls::format_system_time(t)
+                            ),
+                        );
                     }
                     Some(t)
                 }
@@ -570,7 +709,10 @@ impl Validator<'_> {
                 continue;
             }
             let live = crate::snapshot::reachable(deps, d).iter().any(|&i| {
-                deps[i].rules.iter().any(|rule| rule.expires.is_none_or(|t| t > self.now))
+                deps[i]
+                    .rules
+                    .iter()
+                    .any(|rule| rule.expires.is_none_or(|t| t > self.now))
             });
             if !live {
                 self.warn(&r.get_ref().name, format!("deployment \"{}\" has no allow rules and admits nobody; add [[deployment.allow]] rules", d.name));
@@ -578,7 +720,11 @@ impl Validator<'_> {
         }
     }
 
-    fn listeners(&mut self, raw: &[Spanned<RawDeployment>], deps: &[Deployment]) -> Vec<ListenerSpec> {
+    fn listeners(
+        &mut self,
+        raw: &[Spanned<RawDeployment>],
+        deps: &[Deployment],
+    ) -> Vec<ListenerSpec> {
         let mut specs: Vec<ListenerSpec> = Vec::new();
         for (i, d) in deps.iter().enumerate() {
             for addr in &d.listen {
@@ -598,7 +744,8 @@ impl Validator<'_> {
             .map(|s| s.addr.port())
             .collect();
         for s in &mut specs {
-            s.v6_only = s.addr.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) && v4_any.contains(&s.addr.port());
+            s.v6_only = s.addr.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                && v4_any.contains(&s.addr.port());
         }
         for s in &specs {
             if s.deployments.len() < 2 {
@@ -608,7 +755,8 @@ impl Validator<'_> {
             for &i in &s.deployments {
                 let d = &deps[i];
                 let at = &raw[i].get_ref().listen;
-                let shared_ok = d.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Require) && !d.server_names.is_empty();
+                let shared_ok = d.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Require)
+                    && !d.server_names.is_empty();
                 if !shared_ok {
                     self.err(at, format!("deployment \"{}\": listen address {} is shared with other deployments; sharing needs [deployment.tls] mode = \"require\" and server_names on each of them", d.name, s.addr));
                 }

@@ -91,7 +91,9 @@ pub fn check_account(text: &str) -> Result<(), String> {
 pub fn check_group_id(text: &str) -> Result<(), String> {
     let ok = text.strip_prefix("sg-").is_some_and(|hex| {
         (hex.len() == 8 || hex.len() == 17)
-            && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     });
     if ok {
         Ok(())
@@ -165,12 +167,27 @@ mod tests {
 
     #[test]
     fn cidrs() {
-        assert_eq!(parse_cidr("10.0.0.0/16").unwrap().to_string(), "10.0.0.0/16");
-        assert_eq!(parse_cidr("203.0.113.7").unwrap().to_string(), "203.0.113.7/32");
-        assert_eq!(parse_cidr("2001:db8::1").unwrap().to_string(), "2001:db8::1/128");
-        assert_eq!(parse_cidr("::ffff:10.0.0.0/104").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(
+            parse_cidr("10.0.0.0/16").unwrap().to_string(),
+            "10.0.0.0/16"
+        );
+        assert_eq!(
+            parse_cidr("203.0.113.7").unwrap().to_string(),
+            "203.0.113.7/32"
+        );
+        assert_eq!(
+            parse_cidr("2001:db8::1").unwrap().to_string(),
+            "2001:db8::1/128"
+        );
+        assert_eq!(
+            parse_cidr("::ffff:10.0.0.0/104").unwrap().to_string(),
+            "10.0.0.0/8"
+        );
         let e = parse_cidr("10.0.0.1/16").unwrap_err();
-        assert!(e.contains("host bits set; did you mean 10.0.0.0/16?"), "{e}");
+        assert!(
+            e.contains("host bits set; did you mean 10.0.0.0/16?"),
+            "{e}"
+        );
         assert!(parse_cidr("10.0.0.300/8").is_err());
         assert!(parse_cidr("10.0.0.0/33").is_err());
         assert!(parse_cidr("").is_err());
