@@ -31,11 +31,17 @@ impl Key for u128 {
     }
 }
 
+/// Ranges per block of the sampled first level: a block's starts span a
+/// few cache lines, and the samples of a 1M-prefix table fit in L2.
+const BLOCK: usize = 64;
+
 /// Sorted disjoint ranges of one address family.
 #[derive(Debug, Clone, Default)]
 struct Ranges<K> {
     starts: Vec<K>,
     rules: Vec<u32>,
+    /// Every `BLOCK`-th start: searched first, to pick the block.
+    samples: Vec<K>,
 }
 
 /// One prefix to compile: first and last address, length, rule index.
@@ -64,6 +70,7 @@ impl<K: Key> Ranges<K> {
         let mut out = Ranges {
             starts: Vec::with_capacity(spans.len() * 2 + 1),
             rules: Vec::with_capacity(spans.len() * 2 + 1),
+            samples: Vec::new(),
         };
         let mut open: Vec<Span<K>> = Vec::new();
         // Next address not yet assigned to a range; None once past the top.
@@ -108,12 +115,17 @@ impl<K: Key> Ranges<K> {
         }
         out.starts.shrink_to_fit();
         out.rules.shrink_to_fit();
+        out.samples = out.starts.iter().step_by(BLOCK).copied().collect();
         out
     }
 
     #[inline]
     fn lookup(&self, key: K) -> Option<u32> {
-        let i = self.starts.partition_point(|s| *s <= key);
+        // The block whose first start is the last one <= key, then within it.
+        let block = self.samples.partition_point(|s| *s <= key).checked_sub(1)?;
+        let lo = block * BLOCK;
+        let hi = (lo + BLOCK).min(self.starts.len());
+        let i = lo + self.starts[lo..hi].partition_point(|s| *s <= key);
         match i.checked_sub(1).map(|i| self.rules[i]) {
             Some(NONE) | None => None,
             other => other,
@@ -121,7 +133,7 @@ impl<K: Key> Ranges<K> {
     }
 
     fn bytes(&self) -> usize {
-        self.starts.capacity() * std::mem::size_of::<K>() + self.rules.capacity() * 4
+        (self.starts.capacity() + self.samples.capacity()) * std::mem::size_of::<K>() + self.rules.capacity() * 4
     }
 }
 

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The one test command. On a fresh Debian 12 machine, as root:   ./test.sh
+# Extra arguments go to pytest, e.g.   ./test.sh -k explain -x
+#
+# 1. installs what is missing (apt: openssl, python3-venv, a C compiler)
+# 2. creates/refreshes .venv from tests/requirements.txt
+# 3. cargo fmt --check, cargo clippy -D warnings, cargo test, cargo build (debug)
+# 4. runs the end-to-end tests against target/debug/moat
+set -euo pipefail
+
+cd "$(dirname "$(readlink -f "$0")")"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+# ---------------------------------------------------------------- system packages
+missing=()
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+if command -v python3 >/dev/null 2>&1; then
+  # venv needs ensurepip, which Debian ships separately in python3-venv.
+  if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    missing+=(python3-venv)
+  fi
+else
+  missing+=(python3-venv)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing: ${missing[*]}"
+  sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get update -q
+  "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo not found: install Rust (https://rustup.rs), then re-run ./test.sh" >&2
+  exit 1
+fi
+for component in rustfmt clippy; do
+  sub=${component/rustfmt/fmt}
+  if ! cargo "$sub" --version >/dev/null 2>&1; then
+    if command -v rustup >/dev/null 2>&1; then
+      step "rustup component add $component"
+      rustup component add "$component"
+    else
+      echo "cargo $sub is missing (install the $component component)" >&2
+      exit 1
+    fi
+  fi
+done
+
+# ---------------------------------------------------------------- python venv
+req=tests/requirements.txt
+want=$( { python3 --version 2>&1; sha256sum "$req"; } | sha256sum | cut -d' ' -f1)
+stamp=.venv/.requirements.sha256
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' >/dev/null 2>&1; then
+  step "creating .venv"
+  rm -rf .venv
+  python3 -m venv .venv
+fi
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  step "installing $req into .venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r "$req"
+  .venv/bin/python -c 'import pytest, pytest_timeout, pymongo, mockupdb, cryptography'
+  echo "$want" >"$stamp"
+fi
+
+# Git does not keep file modes: the dev keys must not be world-readable.
+chmod 600 config/certs/*-key.pem 2>/dev/null || true
+
+# ---------------------------------------------------------------- rust
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy"
+cargo clippy --all-targets -- -D warnings
+step "cargo test"
+cargo test --all-targets
+step "cargo build"
+cargo build
+
+# ---------------------------------------------------------------- end to end
+step "pytest tests/e2e"
+MOAT_BIN=target/debug/moat .venv/bin/pytest -q tests/e2e "$@"
