@@ -22,13 +22,18 @@ impl Rng {
 
 /// `n` IPv4 prefixes inside 10.0.0.0/8 (/16–/32) and `n` IPv6 prefixes
 /// inside 2001:db8::/32 (/48–/64), like the proxy comparison's rule sets.
-fn rules(n: usize) -> (Vec<(IpNet, u32)>, Vec<(IpNet, u32)>) {
+type Rules = Vec<(IpNet, u32)>;
+
+fn rules(n: usize) -> (Rules, Rules) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let v4 = (0..n)
         .map(|i| {
             let len = 16 + (rng.next() % 17) as u8;
             let addr = Ipv4Addr::from(0x0A00_0000 | (rng.next() as u32 & 0x00FF_FFFF));
-            (IpNet::V4(Ipv4Net::new(addr, len).unwrap().trunc()), i as u32)
+            (
+                IpNet::V4(Ipv4Net::new(addr, len).unwrap().trunc()),
+                i as u32,
+            )
         })
         .collect();
     let v6 = (0..n)
@@ -36,14 +41,21 @@ fn rules(n: usize) -> (Vec<(IpNet, u32)>, Vec<(IpNet, u32)>) {
             let len = 48 + (rng.next() % 17) as u8;
             let low = ((rng.next() as u128) << 64 | rng.next() as u128) & ((1u128 << 96) - 1);
             let addr = Ipv6Addr::from(0x2001_0db8u128 << 96 | low);
-            (IpNet::V6(Ipv6Net::new(addr, len).unwrap().trunc()), i as u32)
+            (
+                IpNet::V6(Ipv6Net::new(addr, len).unwrap().trunc()),
+                i as u32,
+            )
         })
         .collect();
     (v4, v6)
 }
 
 fn probes(rules: &[(IpNet, u32)]) -> (Vec<IpAddr>, IpAddr) {
-    let hits = rules.iter().step_by((rules.len() / 64).max(1)).map(|(n, _)| n.broadcast()).collect();
+    let hits = rules
+        .iter()
+        .step_by((rules.len() / 64).max(1))
+        .map(|(n, _)| n.broadcast())
+        .collect();
     let miss = match rules[0].0 {
         IpNet::V4(_) => IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
         IpNet::V6(_) => IpAddr::V6("2001:db9::1".parse().unwrap()),
@@ -65,7 +77,9 @@ fn lookups(c: &mut Criterion) {
                     black_box(table.lookup(black_box(hits[i])))
                 })
             });
-            g.bench_function("moat miss", |b| b.iter(|| black_box(table.lookup(black_box(miss)))));
+            g.bench_function("moat miss", |b| {
+                b.iter(|| black_box(table.lookup(black_box(miss))))
+            });
             let mut trie_v4: PrefixMap<Ipv4Net, u32> = PrefixMap::new();
             let mut trie_v6: PrefixMap<Ipv6Net, u32> = PrefixMap::new();
             for (net, r) in set.iter() {
@@ -88,9 +102,13 @@ fn lookups(c: &mut Criterion) {
                     black_box(trie(black_box(hits[i])))
                 })
             });
-            g.bench_function("prefix-trie miss", |b| b.iter(|| black_box(trie(black_box(miss)))));
+            g.bench_function("prefix-trie miss", |b| {
+                b.iter(|| black_box(trie(black_box(miss))))
+            });
             if n <= 100_000 {
-                g.bench_function("linear miss", |b| b.iter(|| black_box(linear_lookup(set, black_box(miss)))));
+                g.bench_function("linear miss", |b| {
+                    b.iter(|| black_box(linear_lookup(set, black_box(miss))))
+                });
             }
             g.finish();
         }
@@ -101,11 +119,21 @@ fn build(c: &mut Criterion) {
     let (v4, v6) = rules(500_000);
     let all: Vec<(IpNet, u32)> = v4.into_iter().chain(v6).collect();
     let table = RuleTable::build(all.iter().copied());
-    eprintln!("table of {} prefixes (half IPv4, half IPv6): {:.1} MB", all.len(), table.heap_bytes() as f64 / 1e6);
+    eprintln!(
+        "table of {} prefixes (half IPv4, half IPv6): {:.1} MB",
+        all.len(),
+        table.heap_bytes() as f64 / 1e6
+    );
     drop(table);
     let mut g = c.benchmark_group("build");
     g.sample_size(10);
-    g.bench_function("1M prefixes", |b| b.iter_batched(|| all.clone(), |r| black_box(RuleTable::build(r)), BatchSize::LargeInput));
+    g.bench_function("1M prefixes", |b| {
+        b.iter_batched(
+            || all.clone(),
+            |r| black_box(RuleTable::build(r)),
+            BatchSize::LargeInput,
+        )
+    });
     g.finish();
 }
 
