@@ -68,10 +68,10 @@ pub async fn serve(
 ) {
     let started = Instant::now();
     let live = shared.live.load_full();
-    let Some(spec) = live.snap.listener(listen) else {
+    let Some(listener) = live.snap.config.listeners.iter().position(|l| l.addr == listen) else {
         return reset(stream); // the listener is being removed
     };
-    let deps = spec.deployments.clone();
+    let deps = &live.snap.config.listeners[listener].deployments;
     let first = deps[0];
     let peer_ip = crate::addr::canonical(peer.ip());
     let handshake_timeout = live.snap.config.deployments[first].limits.handshake_timeout;
@@ -156,7 +156,7 @@ pub async fn serve(
     };
     match permit {
         Some(p) => conn.single(stream, p).await,
-        None => conn.routed(stream, &deps).await,
+        None => conn.routed(stream, listener).await,
     }
 }
 
@@ -222,7 +222,9 @@ impl Conn {
     }
 
     /// Several deployments on this address: route by SNI, then admit again.
-    async fn routed(self, stream: TcpStream, deps: &[usize]) {
+    async fn routed(self, stream: TcpStream, listener: usize) {
+        let live = self.live.clone();
+        let deps = &live.snap.config.listeners[listener].deployments;
         let first = self.live.deployments[deps[0]].clone();
         let start = Instant::now();
         let acceptor =

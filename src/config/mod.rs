@@ -136,6 +136,8 @@ pub struct Deployment {
     pub plan: Plan,
     pub listen: Vec<SocketAddr>,
     pub upstream: String,
+    /// The upstream as an address when it is one (no DNS lookup per dial).
+    pub upstream_addr: Option<SocketAddr>,
     pub server_names: Vec<String>,
     pub copy_rules_from: Vec<String>,
     /// Peers whose PROXY protocol header is believed; None: no PROXY protocol.

@@ -554,6 +554,7 @@ impl Validator<'_> {
             plan,
             listen,
             upstream: r.upstream.get_ref().clone(),
+            upstream_addr: r.upstream.get_ref().parse().ok(),
             server_names,
             copy_rules_from,
             proxy_trusted,
