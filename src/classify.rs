@@ -62,4 +62,16 @@ mod tests {
         assert_eq!(classify(b""), FirstBytes::Undecided);
         assert!(sni(b"garbage").is_err());
     }
+
+    #[test]
+    fn reads_sni_of_a_real_client_hello() {
+        // Captured from Python's ssl module (the fuzz seed of first_bytes).
+        let hello = include_bytes!("../fuzz/corpus/first_bytes/client_hello_sni");
+        assert_eq!(classify(hello), FirstBytes::Tls);
+        assert_eq!(
+            sni(hello).unwrap().as_deref(),
+            Some("orders.db.example.com")
+        );
+        assert!(sni(&hello[..hello.len() / 2]).is_err());
+    }
 }

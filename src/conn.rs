@@ -68,7 +68,13 @@ pub async fn serve(
 ) {
     let started = Instant::now();
     let live = shared.live.load_full();
-    let Some(listener) = live.snap.config.listeners.iter().position(|l| l.addr == listen) else {
+    let Some(listener) = live
+        .snap
+        .config
+        .listeners
+        .iter()
+        .position(|l| l.addr == listen)
+    else {
         return reset(stream); // the listener is being removed
     };
     let deps = &live.snap.config.listeners[listener].deployments;

@@ -51,6 +51,18 @@ pub fn print_diagnostics(ds: &[Diagnostic]) {
 
 async fn serve(config: config::Config, path: &Path) -> i32 {
     crate::metrics::init();
+    // Handlers first: a SIGHUP or SIGTERM during start-up must not kill us.
+    let (mut hup, mut term, mut int) = match (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(h), Ok(t), Ok(i)) => (h, t, i),
+        _ => {
+            tracing::error!("cannot install signal handlers");
+            return 1;
+        }
+    };
     let config = Arc::new(config);
     let snap = Snapshot::compile(config.clone(), Arc::default(), SystemTime::now());
     let live = reload::build_live(snap, &[]);
@@ -88,9 +100,6 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
     tokio::spawn(reload::watch_files(shared.clone(), reloader.clone()));
     tokio::spawn(reload::expire_rules(shared.clone(), reloader.clone()));
     tokio::spawn(reload::summarise_refusals(shared.clone()));
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     {
         let reloader = reloader.clone();
         tokio::spawn(async move {

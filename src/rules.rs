@@ -133,7 +133,8 @@ impl<K: Key> Ranges<K> {
     }
 
     fn bytes(&self) -> usize {
-        (self.starts.capacity() + self.samples.capacity()) * std::mem::size_of::<K>() + self.rules.capacity() * 4
+        (self.starts.capacity() + self.samples.capacity()) * std::mem::size_of::<K>()
+            + self.rules.capacity() * 4
     }
 }
 
