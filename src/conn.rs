@@ -149,7 +149,14 @@ pub async fn serve(
                 )
             }
             Ok(Err(_)) => return,
-            Err(_) => return tls_timeout(&live.deployments[first], stream, source),
+            Err(_) => {
+                return proxy_error(
+                    &live.deployments[first],
+                    stream,
+                    source,
+                    "nothing received within handshake_timeout",
+                )
+            }
         }
     }
 

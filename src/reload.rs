@@ -201,16 +201,31 @@ fn watched_dirs(files: &[PathBuf]) -> BTreeSet<PathBuf> {
         .collect()
 }
 
+/// Whether an event on `path` can change a file in use: one of the files
+/// read (by name, as editors rename over it), or Kubernetes' `..data` link
+/// and its timestamped directories. Other files in the same directories (a
+/// log file, an editor's swap file) are ignored.
+fn relevant(path: &Path, names: &BTreeSet<std::ffi::OsString>) -> bool {
+    match path.file_name() {
+        Some(name) => names.contains(name) || name.as_encoded_bytes().starts_with(b".."),
+        None => true,
+    }
+}
+
 /// Watches the directories of every file in use and reloads after a burst
 /// of changes settles. Never stops; a watch that fails is logged and retried
 /// at the next reload.
 pub async fn watch_files(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
     use notify::{EventKind, RecursiveMode, Watcher};
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let names = Arc::new(std::sync::RwLock::new(BTreeSet::new()));
+    let seen = names.clone();
     let mut watcher =
         match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if let Ok(ev) = res {
-                if !matches!(ev.kind, EventKind::Access(_)) {
+                let names = seen.read().unwrap_or_else(|p| p.into_inner());
+                let ours = ev.paths.is_empty() || ev.paths.iter().any(|p| relevant(p, &names));
+                if ours && !matches!(ev.kind, EventKind::Access(_)) {
                     let _ = tx.send(());
                 }
             }
@@ -223,7 +238,12 @@ pub async fn watch_files(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
         };
     let mut watching: BTreeSet<PathBuf> = BTreeSet::new();
     loop {
-        let wanted = watched_dirs(&shared.live.load().snap.config.files);
+        let files = shared.live.load().snap.config.files.clone();
+        *names.write().unwrap_or_else(|p| p.into_inner()) = files
+            .iter()
+            .filter_map(|f| f.file_name().map(|n| n.to_os_string()))
+            .collect();
+        let wanted = watched_dirs(&files);
         for gone in watching.difference(&wanted) {
             let _ = watcher.unwatch(gone);
         }

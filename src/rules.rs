@@ -66,7 +66,7 @@ impl<K: Key> Ranges<K> {
     /// or disjoint, so a sweep with a stack of open prefixes suffices.
     fn build(mut spans: Vec<Span<K>>) -> Self {
         // Wider prefixes first at the same start; the earliest rule wins a tie.
-        spans.sort_unstable_by(|a, b| (a.first, a.len, a.rule).cmp(&(b.first, b.len, b.rule)));
+        spans.sort_unstable_by_key(|s| (s.first, s.len, s.rule));
         let mut out = Ranges {
             starts: Vec::with_capacity(spans.len() * 2 + 1),
             rules: Vec::with_capacity(spans.len() * 2 + 1),

@@ -20,12 +20,19 @@ pub fn stopping() {
     let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
 }
 
+/// The watchdog interval systemd asked for: `WATCHDOG_USEC`, for this
+/// process (`WATCHDOG_PID` unset or ours, as `sd_watchdog_enabled(3)` says).
+fn watchdog_usec() -> Option<u64> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
+    match std::env::var("WATCHDOG_PID") {
+        Ok(pid) if pid.trim().parse::<u32>().ok() != Some(std::process::id()) => None,
+        _ => (usec > 0).then_some(usec),
+    }
+}
+
 /// Pings the watchdog at half the interval systemd asked for, if it asked.
 pub fn spawn_watchdog() {
-    let mut usec = 0u64;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return;
-    }
+    let Some(usec) = watchdog_usec() else { return };
     let every = Duration::from_micros(usec / 2);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);

@@ -42,20 +42,70 @@ def rfc3339_in(seconds: float) -> tuple[str, float]:
     return text, float(t)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_dual_port() -> int:
-    """A port free on both 0.0.0.0 and [::] right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6:
-            s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            s6.bind(("::", 0))
-            port = s6.getsockname()[1]
+    """A port free on both 0.0.0.0 and [::] right now, chosen outside the
+    kernel's ephemeral range so that outgoing connections (of this machine's
+    other tests) do not grab it before moat binds it."""
+    import random
+    lo, hi = _ephemeral_range()
+    candidates = [p for p in range(20000, 32000) if not lo <= p <= hi] or list(range(20000, 32000))
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.choice(candidates)
         try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6:
+                s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                s6.bind(("::", port))
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s4:
                 s4.bind(("0.0.0.0", port))
             return port
         except OSError:
             continue
     raise RuntimeError("no dual-stack free port found")
+
+
+def quiet_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct ports free on `host`, outside the ephemeral range (a port
+    the kernel hands to outgoing connections can be taken between choosing
+    it and moat binding it on a busy machine)."""
+    import random
+    lo, hi = _ephemeral_range()
+    rng = random.Random()
+    out: list[int] = []
+    for _ in range(1000):
+        if len(out) == n:
+            break
+        port = rng.randrange(20000, 32000)
+        if lo <= port <= hi or port in out:
+            continue
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((host, port))
+        except OSError:
+            continue
+        out.append(port)
+    if len(out) < n:
+        raise RuntimeError("could not find free ports")
+    return out
+
+
+def start_retrying(moat, make_config, attempts: int = 3, **kw):
+    """moat(make_config()) retried when a freshly chosen port was taken by
+    someone else before moat could bind it ("Address already in use")."""
+    for i in range(attempts):
+        try:
+            return moat(make_config(), **kw)
+        except RuntimeError as e:
+            if "already in use" not in str(e) or i == attempts - 1:
+                raise
 
 
 # --------------------------------------------------------------------------
@@ -270,3 +320,65 @@ def close_all(socks: Iterable[socket.socket]):
             s.close()
         except OSError:
             pass
+
+
+class FinFirstUpstream:
+    """An upstream that, for each connection, sends `greeting`, half-closes
+    (FIN) at once and then keeps reading until the client's FIN, recording the
+    bytes: proves an upstream FIN reaches the client while the client's
+    direction keeps flowing."""
+
+    def __init__(self, greeting: bytes, host: str = "127.0.0.1"):
+        self.greeting = greeting
+        self.received: list[bytearray] = []
+        self.eof: list[bool] = []
+        self._lock = threading.Lock()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind((host, 0))
+        self._sock.listen(64)
+        self._sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self.address = f"{host}:{self._sock.getsockname()[1]}"
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def _loop(self):
+        while not self._stop.is_set():
+            try:
+                c, _ = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                i = len(self.received)
+                self.received.append(bytearray())
+                self.eof.append(False)
+            threading.Thread(target=self._serve, args=(c, i), daemon=True).start()
+
+    def _serve(self, c: socket.socket, i: int):
+        c.settimeout(0.2)
+        deadline = time.monotonic() + 30
+        try:
+            c.sendall(self.greeting)
+            c.shutdown(socket.SHUT_WR)
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                try:
+                    data = c.recv(65536)
+                except socket.timeout:
+                    continue
+                if not data:
+                    with self._lock:
+                        self.eof[i] = True
+                    return
+                with self._lock:
+                    self.received[i] += data
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def close(self):
+        self._stop.set()
+        self._sock.close()
+        self._t.join(2)

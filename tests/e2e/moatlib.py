@@ -102,25 +102,40 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now (the kernel picks it)."""
-    with socket.socket(family_of(host), socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """`n` distinct free ports (all held open together while choosing)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(family_of(host), socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """`n` distinct ports free on `host` right now, chosen outside the
+    kernel's ephemeral range: a port the kernel hands to outgoing connections
+    could be taken between choosing it and moat binding it."""
+    import random
+    lo, hi = _ephemeral_range()
+    rng = random.Random()
+    out: list[int] = []
+    for _ in range(2000):
+        if len(out) == n:
+            return out
+        port = rng.randrange(20000, 32000)
+        if lo <= port <= hi or port in out:
+            continue
+        try:
+            with socket.socket(family_of(host), socket.SOCK_STREAM) as s:
+                s.bind((host, port))
+        except OSError:
+            continue
+        out.append(port)
+    raise RuntimeError(f"could not find {n} free ports on {host}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now."""
+    return free_ports(1, host)[0]
 
 
 def ipv6_available() -> bool:

@@ -12,9 +12,9 @@ import socket
 import time
 
 import pytest
-from _proxylib import (close_all, closed_by_peer, echo_conn, free_dual_port, is_refused, label_values,
-                       looks_like_ip, refusal_outcome, rfc3339_in, rule, server, sha, transfer,
-                       wait_outcomes)
+from _proxylib import (FinFirstUpstream, close_all, closed_by_peer, echo_conn, free_dual_port, is_refused,
+                       label_values, looks_like_ip, quiet_ports, refusal_outcome, rfc3339_in, rule, server, sha,
+                       start_retrying, transfer, wait_outcomes)
 from moatlib import (TEST_NET_1, TEST_NET_V6, assert_echoes, assert_refused, connect_from, fmt_addr,
                      metric_sum, recv_exactly, recv_until_eof, run_explain, stays_false, wait_until)
 
@@ -25,6 +25,16 @@ def dep(name: str, listen, upstream: str, body: str = "") -> str:
     else:
         listen_toml = "[" + ", ".join(f'"{a}"' for a in listen) + "]"
     return f'[[deployment]]\nname = "{name}"\nlisten = {listen_toml}\nupstream = "{upstream}"\n{body}\n'
+
+
+@pytest.fixture
+def ports():
+    """Overrides conftest's `ports`: the same interface, but ports outside the
+    ephemeral range, which concurrent outgoing connections cannot take."""
+    def alloc(n: int | None = None, host: str = "127.0.0.1"):
+        got = quiet_ports(n or 1, host)
+        return got if n else got[0]
+    return alloc
 
 
 # --------------------------------------------------------------------------
@@ -69,11 +79,15 @@ def test_allowed_by_ipv6_rule(moat, echo, ports, need_ipv6):
     wait_outcomes(m, "v6", {"allowed": 1, "denied": 1})
 
 
-def test_dual_stack_listener_admits_ipv4_client_by_ipv4_rule(moat, echo, need_ipv6):
-    port = free_dual_port()
-    admin = free_dual_port()
-    m = moat(server(admin) + dep("dual", f"[::]:{port}", echo.address,
-                                 rule("127.0.0.2", "v4 client") + rule("::1", "v6 client")))
+def test_dual_stack_listener_admits_ipv4_client_by_ipv4_rule(moat, echo, ports, need_ipv6):
+    chosen = {}
+
+    def config():
+        chosen["port"] = port = free_dual_port()
+        return server(ports()) + dep("dual", f"[::]:{port}", echo.address,
+                                     rule("127.0.0.2", "v4 client") + rule("::1", "v6 client"))
+    m = start_retrying(moat, config)
+    port = chosen["port"]
     # plain IPv4 socket to 127.0.0.1:P, accepted by the [::] socket as ::ffff:127.0.0.2
     assert_echoes(port, "127.0.0.2", b"v4 on dual stack")
     # the same through an AF_INET6 socket with a v4-mapped source
@@ -86,11 +100,15 @@ def test_dual_stack_listener_admits_ipv4_client_by_ipv4_rule(moat, echo, need_ip
     assert "::ffff:127.0.0.3" not in m.stderr_text()
 
 
-def test_both_wildcard_listeners_bind_and_work(moat, echo, need_ipv6):
-    port = free_dual_port()
-    admin = free_dual_port()
-    m = moat(server(admin) + dep("both", [f"0.0.0.0:{port}", f"[::]:{port}"], echo.address,
-                                 rule("127.0.0.2", "v4 client") + rule("::1", "v6 client")))
+def test_both_wildcard_listeners_bind_and_work(moat, echo, ports, need_ipv6):
+    chosen = {}
+
+    def config():
+        chosen["port"] = port = free_dual_port()
+        return server(ports()) + dep("both", [f"0.0.0.0:{port}", f"[::]:{port}"], echo.address,
+                                     rule("127.0.0.2", "v4 client") + rule("::1", "v6 client"))
+    m = start_retrying(moat, config)
+    port = chosen["port"]
     assert m.running()
     assert_echoes(port, "127.0.0.2", b"via 0.0.0.0")
     assert_echoes(port, "::1", b"via [::]")
@@ -316,6 +334,63 @@ def test_server_first_greeting_then_client_half_close(moat, echo_factory, ports)
     assert bytes(up.conns[0].received) == b"a" * 100_000
 
 
+def test_upstream_half_close_while_client_keeps_sending(moat, ports):
+    """The upstream sends a greeting and FIN first; the client gets the
+    greeting then EOF, and can still send: its bytes and FIN reach upstream."""
+    up = FinFirstUpstream(b"server speaks first")
+    try:
+        port = ports()
+        moat(dep("orders", f"127.0.0.1:{port}", up.address, rule("127.0.0.2", "c")))
+        payload = os.urandom(512 * 1024)
+        with connect_from("127.0.0.2", port, timeout=10) as s:
+            assert recv_until_eof(s, timeout=10) == b"server speaks first"
+            s.sendall(payload)  # after the upstream's FIN, this direction still flows
+            s.shutdown(socket.SHUT_WR)
+            wait_until(lambda: up.eof and up.eof[0], 10, what="upstream to see the client's FIN")
+        assert sha(bytes(up.received[0])) == sha(payload)
+    finally:
+        up.close()
+
+
+def test_upstream_errors_release_limit_slots(moat, echo, ports):
+    good, down, admin, dead = ports(4)
+    m = moat(server(admin) + '[limits]\nmax_connections = 2\nmax_connections_per_ip = 2\n\n'
+             + dep("down", f"127.0.0.1:{down}", f"127.0.0.1:{dead}", rule("127.0.0.2", "c"))
+             + dep("good", f"127.0.0.1:{good}", echo.address, rule("127.0.0.2", "c")))
+    for _ in range(5):
+        assert is_refused(refusal_outcome(down, "127.0.0.2", send=b"x"))
+    wait_outcomes(m, "down", {"upstream_error": 5})
+    held = [echo_conn(good, "127.0.0.2"), echo_conn(good, "127.0.0.2")]
+    close_all(held)
+    wait_outcomes(m, "good", {"allowed": 2})
+
+
+def test_refusals_are_resets(moat, echo, ports):
+    """SPEC 3.1: a refused connection is closed at once with a reset (denied
+    and limited alike), without the client sending anything."""
+    port, admin = ports(2)
+    m = moat(server(admin) + '[limits]\nmax_connections_per_ip = 1\n\n'
+             + dep("orders", f"127.0.0.1:{port}", echo.address, rule("127.0.0.2", "c")))
+    assert refusal_outcome(port, "127.0.0.3") == "reset"
+    with echo_conn(port, "127.0.0.2"):
+        assert refusal_outcome(port, "127.0.0.2") == "reset"
+    wait_outcomes(m, "orders", {"allowed": 1, "denied": 1, "limited": 1})
+
+
+def test_per_ip_limit_is_per_deployment(moat, echo, ports):
+    p1, p2, admin = ports(3)
+    m = moat(server(admin) + '[limits]\nmax_connections_per_ip = 1\n\n'
+             + dep("d1", f"127.0.0.1:{p1}", echo.address, rule("127.0.0.2", "c"))
+             + dep("d2", f"127.0.0.1:{p2}", echo.address, rule("127.0.0.2", "c")))
+    held = [echo_conn(p1, "127.0.0.2"), echo_conn(p2, "127.0.0.2")]
+    try:
+        assert is_refused(refusal_outcome(p1, "127.0.0.2", send=b"x"))
+        wait_outcomes(m, "d1", {"allowed": 1, "limited": 1})
+        wait_outcomes(m, "d2", {"allowed": 1})
+    finally:
+        close_all(held)
+
+
 def test_upstream_refuses(moat, ports):
     port, admin, dead = ports(3)
     m = moat(server(admin) + '[limits]\nconnect_timeout = "1s"\n\n'
@@ -417,6 +492,8 @@ def test_metrics_match_a_known_sequence(moat, echo, ports):
             assert is_refused(refusal_outcome(good, "127.0.0.9", send=b"x"))  # good: denied 2
         for _ in range(2):
             assert_echoes(good, "127.0.0.3")                            # good: allowed 3
+            # the per-source slot is released asynchronously once moat sees the close
+            m.wait_metric("moat_connections_active", 1, deployment="good")
         assert is_refused(refusal_outcome(down, "127.0.0.2", send=b"x"))  # down: upstream_error 1
         assert is_refused(refusal_outcome(down, "127.0.0.9", send=b"x"))  # down: denied 1
         wait_outcomes(m, "good", {"allowed": 3, "denied": 2, "limited": 1})
@@ -426,7 +503,7 @@ def test_metrics_match_a_known_sequence(moat, echo, ports):
         held.close()
     m.wait_metric("moat_connections_active", 0, deployment="good")
     metrics = m.metrics()
-    assert metric_sum(metrics, "moat_connections_total") == 9
+    assert metric_sum(metrics, "moat_connections_total") == 8
     assert metric_sum(metrics, "moat_bytes_total", deployment="good", direction="to_upstream") >= 4 + 2 * len(b"ping moat\n")
     assert metric_sum(metrics, "moat_bytes_total", deployment="down") == 0
     values = label_values(metrics)

@@ -9,10 +9,11 @@ import os
 import socket
 import ssl
 import time
+import warnings
 
 import pytest
-from _tlslib import (cert_cn, cert_dns_names, client_ctx, client_hello, fetch_served_cert,
-                     served_cert, tls_connect, tls_echo, tls_fails, wait_closed)
+from _tlslib import (cert_cn, cert_dns_names, client_ctx, client_hello, served_cert, tls_echo,
+                     tls_fails, wait_closed)
 from moatlib import (CertAuthority, assert_echoes, assert_refused, connect_from,
                      connection_outcome, run_check)
 
@@ -129,8 +130,10 @@ def test_tls11_client_is_refused(moat, echo, ports, certs, srv):
     moat(tls_config(port, echo.address, srv))
     ctx = client_ctx(certs.cert_path)
     try:
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_1
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
         ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
     except (ValueError, ssl.SSLError) as e:
         pytest.skip(f"local OpenSSL cannot offer TLS 1.1: {e}")
