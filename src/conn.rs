@@ -1,7 +1,8 @@
-//! One connection's way through moat:
+//! One connection's way through moat, in two phases:
 //!
 //! ```text
-//! accept ─► PROXY header ─► admit(source) ─► limits ─► TLS (+ SNI route ─► admit again) ─► dial ─► forward ─► close
+//! accept ─► PROXY header ─► admit(source) ─► limits ─► TLS (+ SNI route ─► admit again) ─► dial   │ forward ─► close
+//! └──────────────────────────── setup (this module, boxed: freed once done) ──────────────────────┘ └─ session.rs ─┘
 //! ```
 //!
 //! | stage        | bound               | exit on failure (outcome label, log level)            |
@@ -11,14 +12,17 @@
 //! | limits       | atomic counters     | reset; `limited`, info (rate-limited)                 |
 //! | TLS          | `handshake_timeout` | close; `tls_error`, debug                             |
 //! | dial         | `connect_timeout`   | close; `upstream_error`, warn                         |
-//! | forward      | `idle_timeout`, revocation, shutdown | `allowed` counted at dial; one info line at the end |
+//! | forward      | `idle_timeout`, revocation, shutdown grace | `allowed` counted at dial; one info line at the end |
+//!
+//! The setup phase runs in its own heap allocation so that the long-lived
+//! task of an idle connection holds only the forwarding state.
 
-use crate::admission::{admit, readmit, Deny, Permit};
+use crate::admission::{admit, Permit};
 use crate::classify::{classify, FirstBytes};
-use crate::config::{OnRevoke, TlsMode};
-use crate::forward::{self, Activity, Meter, Totals};
+use crate::config::TlsMode;
 use crate::metrics::Outcome;
 use crate::proxy_header::{self, Origin, Prefix};
+use crate::session::{Client, Session};
 use crate::state::{DeploymentState, Live, Shared, Slot};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -26,9 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_rustls::server::TlsStream;
 
-/// Daemon phases a connection watches.
+/// Daemon phases every connection watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Running,
@@ -38,19 +41,11 @@ pub enum Phase {
     Closing,
 }
 
-/// The client side after admission and TLS.
-enum Client {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-/// Why a forwarded connection ended.
-#[derive(Debug)]
-enum End {
-    Finished(io::Result<Totals>),
-    Revoked(Deny),
-    Idle,
-    Shutdown,
+/// Handles one accepted connection on the listener bound to `listen`.
+pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, listen: SocketAddr) {
+    if let Some(session) = Box::pin(setup(shared, stream, peer, listen)).await {
+        session.run().await;
+    }
 }
 
 /// Closes a connection with a reset, without reading from it.
@@ -59,13 +54,13 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-/// Handles one accepted connection on the listener bound to `listen`.
-pub async fn serve(
+/// Everything up to a dialled upstream; None when the connection ended.
+async fn setup(
     shared: Arc<Shared>,
     mut stream: TcpStream,
     peer: SocketAddr,
     listen: SocketAddr,
-) {
+) -> Option<Session> {
     let started = Instant::now();
     let live = shared.live.load_full();
     let Some(listener) = live
@@ -75,10 +70,12 @@ pub async fn serve(
         .iter()
         .position(|l| l.addr == listen)
     else {
-        return reset(stream); // the listener is being removed
+        reset(stream); // the listener is being removed
+        return None;
     };
     let deps = &live.snap.config.listeners[listener].deployments;
     let first = deps[0];
+    let first_state = &live.deployments[first];
     let peer_ip = crate::addr::canonical(peer.ip());
     let handshake_timeout = live.snap.config.deployments[first].limits.handshake_timeout;
 
@@ -90,12 +87,10 @@ pub async fn serve(
             match timeout(handshake_timeout, proxy_header::read(&mut stream)).await {
                 Ok(Ok(Origin::Client(ip))) => source = crate::addr::canonical(ip),
                 Ok(Ok(Origin::Local)) => {}
-                Ok(Err(e)) => {
-                    return proxy_error(&live.deployments[first], stream, peer_ip, &e.to_string())
-                }
+                Ok(Err(e)) => return proxy_error(first_state, stream, peer_ip, &e.to_string()),
                 Err(_) => {
                     return proxy_error(
-                        &live.deployments[first],
+                        first_state,
                         stream,
                         peer_ip,
                         "no PROXY protocol header within handshake_timeout",
@@ -108,14 +103,13 @@ pub async fn serve(
     }
 
     // Admission before anything else is read or any byte goes upstream.
-    let single = deps.len() == 1;
-    let permit = if single {
+    let permit = if deps.len() == 1 {
         match admit(&live.snap, first, source) {
             Ok(p) => Some(p),
             Err(d) => {
                 return refuse(
                     &shared,
-                    &live.deployments[first],
+                    first_state,
                     stream,
                     source,
                     Outcome::Denied,
@@ -125,14 +119,8 @@ pub async fn serve(
         }
     } else {
         if !deps.iter().any(|&d| admit(&live.snap, d, source).is_ok()) {
-            return refuse(
-                &shared,
-                &live.deployments[first],
-                stream,
-                source,
-                Outcome::Denied,
-                "no rule of any deployment on this address matches",
-            );
+            let why = "no rule of any deployment on this address matches";
+            return refuse(&shared, first_state, stream, source, Outcome::Denied, why);
         }
         None
     };
@@ -142,16 +130,16 @@ pub async fn serve(
             Ok(Ok(Prefix::NotHeader)) => {}
             Ok(Ok(_)) => {
                 return proxy_error(
-                    &live.deployments[first],
+                    first_state,
                     stream,
                     source,
                     "PROXY protocol header from an untrusted peer",
                 )
             }
-            Ok(Err(_)) => return,
+            Ok(Err(_)) => return None,
             Err(_) => {
                 return proxy_error(
-                    &live.deployments[first],
+                    first_state,
                     stream,
                     source,
                     "nothing received within handshake_timeout",
@@ -160,20 +148,20 @@ pub async fn serve(
         }
     }
 
-    let conn = Conn {
+    let setup = Setup {
         shared: shared.clone(),
-        live,
+        live: live.clone(),
         source,
         started,
         handshake_timeout,
     };
     match permit {
-        Some(p) => conn.single(stream, p).await,
-        None => conn.routed(stream, listener).await,
+        Some(p) => setup.single(stream, p).await,
+        None => Box::pin(setup.routed(stream, listener)).await,
     }
 }
 
-struct Conn {
+struct Setup {
     shared: Arc<Shared>,
     live: Arc<Live>,
     source: IpAddr,
@@ -181,9 +169,9 @@ struct Conn {
     handshake_timeout: Duration,
 }
 
-impl Conn {
+impl Setup {
     /// One deployment on this address.
-    async fn single(self, stream: TcpStream, permit: Permit) {
+    async fn single(self, stream: TcpStream, permit: Permit) -> Option<Session> {
         let dep = permit.deployment();
         let state = self.live.deployments[dep].clone();
         let Some(slot) = self.shared.acquire(&self.live, dep, self.source) else {
@@ -196,113 +184,50 @@ impl Conn {
                 "connection limit reached",
             );
         };
-        let tls = self.live.snap.config.deployments[dep].tls.clone();
-        match tls {
-            None => self.plain(stream, permit, slot).await,
-            Some(tls) => {
-                let is_tls = match tls.mode {
-                    TlsMode::Require => true,
-                    TlsMode::Allow => {
-                        match timeout(self.handshake_timeout, first_bytes(&stream)).await {
-                            Ok(Ok(kind)) => kind == FirstBytes::Tls,
-                            Ok(Err(_)) => return, // closed before sending anything
-                            Err(_) => return tls_timeout(&state, stream, self.source),
-                        }
-                    }
-                };
-                if !is_tls {
-                    return self.plain(stream, permit, slot).await;
-                }
-                let start = Instant::now();
-                let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
-                match timeout(self.handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => {
-                        state
-                            .metrics
-                            .tls_handshake
-                            .observe(start.elapsed().as_secs_f64());
-                        self.tls(s, permit, slot).await
-                    }
-                    Ok(Err(e)) => tls_failed(&state, self.source, &e.to_string()),
-                    Err(_) => tls_failed(
-                        &state,
-                        self.source,
-                        "no TLS handshake within handshake_timeout",
-                    ),
-                }
-            }
+        match self.live.snap.config.deployments[dep].tls.clone() {
+            None => self.connect(Client::Plain(stream), permit, slot).await,
+            // Boxed: TLS state is large, and a plaintext setup need not carry it.
+            Some(tls) => Box::pin(self.terminate(stream, permit, slot, tls)).await,
         }
     }
 
-    /// Several deployments on this address: route by SNI, then admit again.
-    async fn routed(self, stream: TcpStream, listener: usize) {
-        let live = self.live.clone();
-        let deps = &live.snap.config.listeners[listener].deployments;
-        let first = self.live.deployments[deps[0]].clone();
+    /// `[deployment.tls]`: the handshake, or in `allow` mode plaintext when
+    /// the first bytes are not TLS.
+    async fn terminate(
+        self,
+        stream: TcpStream,
+        permit: Permit,
+        slot: Slot,
+        tls: crate::config::Tls,
+    ) -> Option<Session> {
+        let state = slot.state.clone();
+        let is_tls = match tls.mode {
+            TlsMode::Require => true,
+            TlsMode::Allow => match timeout(self.handshake_timeout, first_bytes(&stream)).await {
+                Ok(Ok(kind)) => kind == FirstBytes::Tls,
+                Ok(Err(_)) => return None, // closed before sending anything
+                Err(_) => {
+                    reset(stream);
+                    return tls_failed(
+                        &state,
+                        self.source,
+                        "nothing received within handshake_timeout",
+                    );
+                }
+            },
+        };
+        if !is_tls {
+            return self.connect(Client::Plain(stream), permit, slot).await;
+        }
         let start = Instant::now();
-        let acceptor =
-            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
-        let handshake = match timeout(self.handshake_timeout, acceptor).await {
-            Ok(Ok(h)) => h,
-            Ok(Err(e)) => return tls_failed(&first, self.source, &e.to_string()),
-            Err(_) => {
-                return tls_failed(
-                    &first,
-                    self.source,
-                    "no TLS ClientHello within handshake_timeout",
-                )
-            }
-        };
-        let sni = handshake
-            .client_hello()
-            .server_name()
-            .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
-        let config = &self.live.snap.config;
-        let Some(dep) = sni.as_deref().and_then(|name| {
-            deps.iter()
-                .copied()
-                .find(|&d| config.deployments[d].server_names.iter().any(|n| n == name))
-        }) else {
-            let why = match sni {
-                Some(n) => format!("unknown SNI name \"{n}\""),
-                None => "no SNI name in the ClientHello".to_string(),
-            };
-            return tls_failed(&first, self.source, &why);
-        };
-        let state = self.live.deployments[dep].clone();
-        let permit = match admit(&self.live.snap, dep, self.source) {
-            Ok(p) => p,
-            Err(d) => {
-                state.metrics.count(Outcome::Denied);
-                log_refusal(&self.shared, &state, self.source, &d.to_string());
-                return;
-            }
-        };
-        let Some(slot) = self.shared.acquire(&self.live, dep, self.source) else {
-            state.metrics.count(Outcome::Limited);
-            log_refusal(
-                &self.shared,
-                &state,
-                self.source,
-                "connection limit reached",
-            );
-            return;
-        };
-        let Some(tls) = config.deployments[dep].tls.as_ref() else {
-            return;
-        };
-        match timeout(
-            self.handshake_timeout.saturating_sub(start.elapsed()),
-            handshake.into_stream(tls.server.clone()),
-        )
-        .await
-        {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+        match timeout(self.handshake_timeout, acceptor.accept(stream)).await {
             Ok(Ok(s)) => {
                 state
                     .metrics
                     .tls_handshake
                     .observe(start.elapsed().as_secs_f64());
-                self.tls(s, permit, slot).await
+                self.connect(Client::Tls(Box::new(s)), permit, slot).await
             }
             Ok(Err(e)) => tls_failed(&state, self.source, &e.to_string()),
             Err(_) => tls_failed(
@@ -313,42 +238,120 @@ impl Conn {
         }
     }
 
-    async fn plain(self, client: TcpStream, permit: Permit, slot: Slot) {
-        self.proxy(Client::Plain(client), permit, slot).await
-    }
-
-    async fn tls(self, client: TlsStream<TcpStream>, permit: Permit, slot: Slot) {
-        self.proxy(Client::Tls(Box::new(client)), permit, slot)
-            .await
-    }
-
-    async fn proxy(self, client: Client, permit: Permit, slot: Slot) {
-        let state = slot.state.clone();
-        let Some(upstream) = self.dial(&permit, &state).await else {
-            return;
+    /// Several deployments on this address: route by SNI, then admit again.
+    async fn routed(self, stream: TcpStream, listener: usize) -> Option<Session> {
+        let live = self.live.clone();
+        let deps = &live.snap.config.listeners[listener].deployments;
+        let first = &live.deployments[deps[0]];
+        let start = Instant::now();
+        let acceptor =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+        let handshake = match timeout(self.handshake_timeout, acceptor).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => return tls_failed(first, self.source, &e.to_string()),
+            Err(_) => {
+                return tls_failed(
+                    first,
+                    self.source,
+                    "no TLS ClientHello within handshake_timeout",
+                )
+            }
         };
-        self.run(&permit, &state, client, upstream).await;
-        drop(slot);
+        let sni = handshake
+            .client_hello()
+            .server_name()
+            .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
+        let config = &live.snap.config;
+        let chosen = sni.as_deref().and_then(|name| {
+            deps.iter()
+                .copied()
+                .find(|&d| config.deployments[d].server_names.iter().any(|n| n == name))
+        });
+        let Some(dep) = chosen else {
+            let why = match sni {
+                Some(n) => format!("unknown SNI name \"{n}\""),
+                None => "no SNI name in the ClientHello".to_string(),
+            };
+            return tls_failed(first, self.source, &why);
+        };
+        let state = &live.deployments[dep];
+        let permit = match admit(&live.snap, dep, self.source) {
+            Ok(p) => p,
+            Err(d) => {
+                state.metrics.count(Outcome::Denied);
+                log_refusal(
+                    &self.shared,
+                    state,
+                    self.source,
+                    Outcome::Denied,
+                    &d.to_string(),
+                );
+                return None;
+            }
+        };
+        let Some(slot) = self.shared.acquire(&live, dep, self.source) else {
+            state.metrics.count(Outcome::Limited);
+            log_refusal(
+                &self.shared,
+                state,
+                self.source,
+                Outcome::Limited,
+                "connection limit reached",
+            );
+            return None;
+        };
+        let server = config.deployments[dep].tls.as_ref()?.server.clone();
+        match timeout(
+            self.handshake_timeout.saturating_sub(start.elapsed()),
+            handshake.into_stream(server),
+        )
+        .await
+        {
+            Ok(Ok(s)) => {
+                state
+                    .metrics
+                    .tls_handshake
+                    .observe(start.elapsed().as_secs_f64());
+                self.connect(Client::Tls(Box::new(s)), permit, slot).await
+            }
+            Ok(Err(e)) => tls_failed(state, self.source, &e.to_string()),
+            Err(_) => tls_failed(
+                state,
+                self.source,
+                "no TLS handshake within handshake_timeout",
+            ),
+        }
     }
 
     /// Dials the upstream; only an admitted connection (a `Permit`) can.
-    async fn dial(&self, permit: &Permit, state: &DeploymentState) -> Option<TcpStream> {
+    async fn connect(self, client: Client, permit: Permit, slot: Slot) -> Option<Session> {
         let d = &self.live.snap.config.deployments[permit.deployment()];
+        let state = &slot.state;
         let start = Instant::now();
-        let result = timeout(
-            d.limits.connect_timeout,
-            TcpStream::connect(d.upstream.as_str()),
-        )
-        .await;
+        let dial = async {
+            match d.upstream_addr {
+                Some(addr) => TcpStream::connect(addr).await,
+                None => TcpStream::connect(d.upstream.as_str()).await,
+            }
+        };
+        let result = timeout(d.limits.connect_timeout, dial).await;
         state
             .metrics
             .upstream_connect
             .observe(start.elapsed().as_secs_f64());
         let error = match result {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
+            Ok(Ok(upstream)) => {
+                let _ = upstream.set_nodelay(true);
                 state.metrics.count(Outcome::Allowed);
-                return Some(s);
+                return Some(Session {
+                    shared: self.shared,
+                    live: self.live,
+                    started: self.started,
+                    permit,
+                    slot,
+                    client,
+                    upstream,
+                });
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!(
@@ -360,108 +363,6 @@ impl Conn {
         tracing::warn!(deployment = %state.name, source = %self.source, upstream = %d.upstream, error = %error, "upstream unreachable; client connection closed");
         None
     }
-
-    /// Forwards until the connection ends, is revoked, idles out or the
-    /// daemon's grace period ends; then logs the connection's one line.
-    async fn run(
-        self,
-        permit: &Permit,
-        state: &DeploymentState,
-        client: Client,
-        mut upstream: TcpStream,
-    ) {
-        let limits = &self.live.snap.config.deployments[permit.deployment()].limits;
-        let activity = Activity::default();
-        let shared = self.shared.clone();
-        let clock = move || shared.now_ms();
-        activity.touch(clock());
-        let meter = Meter {
-            to_upstream: &state.metrics.to_upstream,
-            to_client: &state.metrics.to_client,
-            activity: &activity,
-            clock: &clock,
-        };
-        let forward = async {
-            match client {
-                Client::Plain(c) => {
-                    let _ = c.set_nodelay(true);
-                    forward::plain(&c, &upstream, &meter).await
-                }
-                Client::Tls(c) => {
-                    let _ = c.get_ref().0.set_nodelay(true);
-                    forward::stream(*c, &mut upstream, &meter).await
-                }
-            }
-        };
-        state.metrics.active.inc();
-        let end = tokio::select! {
-            r = forward => End::Finished(r),
-            d = revoked(&self.shared, &state.name, self.source) => End::Revoked(d),
-            _ = idle(&activity, limits.idle_timeout, &clock) => End::Idle,
-            _ = closing(&self.shared) => End::Shutdown,
-        };
-        state.metrics.active.dec();
-        let (rule, cidr) = permit
-            .rule(&self.live.snap)
-            .map_or(("shared plan", String::new()), |(d, n)| (d, n.to_string()));
-        let ms = self.started.elapsed().as_millis() as u64;
-        match end {
-            End::Finished(Ok(t)) => {
-                tracing::info!(deployment = %state.name, source = %self.source, outcome = "allowed", rule, cidr, to_upstream = t.to_upstream, to_client = t.to_client, duration_ms = ms, "connection closed")
-            }
-            End::Finished(Err(e)) => {
-                tracing::info!(deployment = %state.name, source = %self.source, outcome = "allowed", rule, cidr, duration_ms = ms, error = %e, "connection ended with an error")
-            }
-            End::Revoked(why) => {
-                state.metrics.revoked.inc();
-                tracing::warn!(deployment = %state.name, source = %self.source, outcome = "allowed", rule, cidr, duration_ms = ms, reason = %why, "connection revoked: the rules no longer admit its source");
-            }
-            End::Idle => {
-                tracing::info!(deployment = %state.name, source = %self.source, outcome = "allowed", rule, cidr, duration_ms = ms, "connection closed after idle_timeout")
-            }
-            End::Shutdown => {
-                tracing::info!(deployment = %state.name, source = %self.source, outcome = "allowed", rule, cidr, duration_ms = ms, "connection closed: shutdown grace period over")
-            }
-        }
-    }
-}
-
-/// Resolves when a reload or an expiry no longer admits `source` (and
-/// `on_revoke = "close"`); otherwise never.
-async fn revoked(shared: &Shared, name: &str, source: IpAddr) -> Deny {
-    let mut rx = shared.generation.subscribe();
-    loop {
-        if rx.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-        let live = shared.live.load();
-        if live.snap.config.server.on_revoke == OnRevoke::Keep {
-            continue;
-        }
-        if let Err(d) = readmit(&live.snap, name, source) {
-            return d;
-        }
-    }
-}
-
-async fn idle(activity: &Activity, limit: Option<Duration>, clock: &(dyn Fn() -> u64 + Sync)) {
-    let Some(limit) = limit else {
-        return std::future::pending().await;
-    };
-    let limit = limit.as_millis() as u64;
-    loop {
-        let deadline = activity.last() + limit;
-        let now = clock();
-        if now >= deadline {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(deadline - now)).await;
-    }
-}
-
-async fn closing(shared: &Shared) {
-    let mut rx = shared.phase.subscribe();
-    let _ = rx.wait_for(|p| *p == Phase::Closing).await;
 }
 
 /// Waits for the first bytes and tells whether they start a PROXY header.
@@ -494,39 +395,46 @@ async fn first_bytes(stream: &TcpStream) -> io::Result<FirstBytes> {
     }
 }
 
-fn log_refusal(shared: &Shared, state: &DeploymentState, source: IpAddr, reason: &str) {
+fn log_refusal(
+    shared: &Shared,
+    state: &DeploymentState,
+    source: IpAddr,
+    outcome: Outcome,
+    reason: &str,
+) {
     if state.refusals.allow(shared.now_ms()) {
-        tracing::info!(deployment = %state.name, source = %source, outcome = "denied", reason, "connection refused");
+        tracing::info!(deployment = %state.name, source = %source, outcome = outcome.label(), reason, "connection refused");
     }
 }
 
-fn refuse(
+fn refuse<T>(
     shared: &Shared,
     state: &DeploymentState,
     stream: TcpStream,
     source: IpAddr,
     outcome: Outcome,
     reason: &str,
-) {
+) -> Option<T> {
     reset(stream);
     state.metrics.count(outcome);
-    if state.refusals.allow(shared.now_ms()) {
-        tracing::info!(deployment = %state.name, source = %source, outcome = outcome.label(), reason, "connection refused");
-    }
+    log_refusal(shared, state, source, outcome, reason);
+    None
 }
 
-fn proxy_error(state: &DeploymentState, stream: TcpStream, source: IpAddr, reason: &str) {
+fn proxy_error<T>(
+    state: &DeploymentState,
+    stream: TcpStream,
+    source: IpAddr,
+    reason: &str,
+) -> Option<T> {
     reset(stream);
     state.metrics.count(Outcome::ProxyProtocolError);
     tracing::debug!(deployment = %state.name, peer = %source, reason, "PROXY protocol error; connection refused");
+    None
 }
 
-fn tls_timeout(state: &DeploymentState, stream: TcpStream, source: IpAddr) {
-    reset(stream);
-    tls_failed(state, source, "nothing received within handshake_timeout");
-}
-
-fn tls_failed(state: &DeploymentState, source: IpAddr, reason: &str) {
+fn tls_failed<T>(state: &DeploymentState, source: IpAddr, reason: &str) -> Option<T> {
     state.metrics.count(Outcome::TlsError);
     tracing::debug!(deployment = %state.name, source = %source, reason, "TLS handshake failed; connection closed");
+    None
 }

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod proxy_header;
 pub mod reload;
 pub mod rules;
+pub mod session;
 pub mod snapshot;
 pub mod state;
 pub mod systemd;
