@@ -67,14 +67,9 @@ impl Session {
         };
         let forward = async {
             match client {
-                Client::Plain(c) => {
-                    let _ = c.set_nodelay(true);
-                    forward::plain(&c, &upstream, &meter).await
-                }
-                Client::Tls(c) => {
-                    let _ = c.get_ref().0.set_nodelay(true);
-                    Box::pin(forward::stream(*c, &mut upstream, &meter)).await
-                }
+                // TCP_NODELAY is inherited from the listening socket.
+                Client::Plain(mut c) => forward::plain(&mut c, &mut upstream, &meter).await,
+                Client::Tls(c) => Box::pin(forward::stream(*c, &mut upstream, &meter)).await,
             }
         };
         state.metrics.active.inc();
