@@ -100,6 +100,10 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
     tokio::spawn(reload::watch_files(shared.clone(), reloader.clone()));
     tokio::spawn(reload::expire_rules(shared.clone(), reloader.clone()));
     tokio::spawn(reload::summarise_refusals(shared.clone()));
+    tokio::spawn(crate::groups::refresh_loop(
+        shared.clone(),
+        reloader.clone(),
+    ));
     {
         let reloader = reloader.clone();
         tokio::spawn(async move {

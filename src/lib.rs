@@ -9,7 +9,10 @@ pub mod classify;
 pub mod config;
 pub mod conn;
 pub mod daemon;
+#[cfg(feature = "aws")]
+pub mod ec2;
 pub mod forward;
+pub mod groups;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
