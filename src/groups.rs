@@ -5,6 +5,7 @@
 
 use crate::config::{Config, GroupKey, RuleTarget};
 use crate::reload::Reloader;
+#[cfg(feature = "aws")]
 use crate::snapshot::GroupMembers;
 use crate::state::Shared;
 use std::collections::BTreeSet;
@@ -25,11 +26,14 @@ pub fn referenced(config: &Config) -> BTreeSet<GroupKey> {
         .collect()
 }
 
+#[cfg(feature = "aws")]
 /// Longest wait between retries after failures (before `refresh` caps it).
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
+#[cfg(feature = "aws")]
 /// Bound on one group's resolution (all its pages).
 const GROUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+#[cfg(feature = "aws")]
 /// The wait before the next refresh: `refresh` after a success; after `n`
 /// failures in a row, 1 s doubling (capped) with ±25 % jitter.
 fn next_wait(refresh: Duration, failures: u32) -> Duration {
@@ -147,7 +151,7 @@ pub async fn refresh_loop(shared: Arc<Shared>, _reloader: Arc<Mutex<Reloader>>) 
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "aws"))]
 mod tests {
     use super::*;
 
