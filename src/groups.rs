@@ -10,6 +10,7 @@ use crate::snapshot::GroupMembers;
 use crate::state::Shared;
 use std::collections::BTreeSet;
 use std::sync::Arc;
+#[cfg(feature = "aws")]
 use std::time::Duration;
 use tokio::sync::Mutex;
 
