@@ -161,6 +161,41 @@ fn clone_for_summary(c: &Config) -> Config {
     }
 }
 
+/// With `[security_groups] aws`, one refresh of the referenced groups so
+/// that `explain` answers as the daemon would (file members only if the API
+/// cannot be reached within a few seconds).
+#[cfg(feature = "aws")]
+fn resolve_groups(config: &Config) -> moat::snapshot::GroupMembers {
+    let Some(settings) = config.security_groups.aws.as_ref() else {
+        return Default::default();
+    };
+    let groups = moat::groups::referenced(config);
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return Default::default();
+    };
+    rt.block_on(async {
+        let work = async {
+            let ec2 = moat::ec2::Ec2::new(settings).await;
+            moat::groups::resolve_all(&ec2, &groups, &Default::default()).await.0
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(10), work).await {
+            Ok(members) => members,
+            Err(_) => {
+                eprintln!("moat explain: the EC2 API did not answer within 10s; using the membership file only");
+                Default::default()
+            }
+        }
+    })
+}
+
+#[cfg(not(feature = "aws"))]
+fn resolve_groups(_: &Config) -> moat::snapshot::GroupMembers {
+    Default::default()
+}
+
 fn explain(path: &std::path::Path, deployment: &str, ip: &str) -> i32 {
     let config = match config::load(path, SystemTime::now()) {
         Ok(c) => c,
@@ -176,7 +211,8 @@ fn explain(path: &std::path::Path, deployment: &str, ip: &str) -> i32 {
         return 2;
     };
     let ip = moat::addr::canonical(ip);
-    let snap = Snapshot::compile(Arc::new(config), Arc::default(), SystemTime::now());
+    let resolved = Arc::new(resolve_groups(&config));
+    let snap = Snapshot::compile(Arc::new(config), resolved, SystemTime::now());
     let Some(index) = snap.deployment_index(deployment) else {
         let names: Vec<&str> = snap
             .config
@@ -199,8 +235,19 @@ fn explain(path: &std::path::Path, deployment: &str, ip: &str) -> i32 {
                     let source = &compiled.sources[src as usize];
                     let mut extra = String::new();
                     if let Some(g) = &source.group {
+                        let from_file = snap
+                            .config
+                            .security_groups
+                            .members
+                            .get(g)
+                            .is_some_and(|m| m.contains(&net));
+                        let origin = if from_file {
+                            "membership file"
+                        } else {
+                            "EC2 API"
+                        };
                         extra.push_str(&format!(
-                            ", member of security group {} of account {} (membership file)",
+                            ", member of security group {} of account {} ({origin})",
                             g.id, g.account
                         ));
                     }
