@@ -2,18 +2,24 @@
 //! while the other direction keeps flowing, bytes counted as they pass.
 //!
 //! Plaintext uses readiness and borrows a buffer from a per-thread pool only
-//! while data is in flight, so an idle connection holds no buffer at all.
+//! while data is in flight, so an idle connection holds no buffer at all;
+//! a bulk transfer switches to splice(2) and skips user space entirely.
 
+use nix::fcntl::{splice, OFlag, SpliceFFlags};
 use prometheus::IntCounter;
 use std::cell::RefCell;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 /// Size of one in-flight chunk.
 const CHUNK: usize = 64 * 1024;
+/// Bytes moved per splice: a pipe's default capacity (16 pages).
+const PIPE_SIZE: usize = 64 * 1024;
 /// Buffers kept per worker thread for reuse.
 const POOL_PER_THREAD: usize = 16;
 
@@ -83,7 +89,9 @@ pub async fn plain(
 
 /// Waits for readiness before taking a buffer, so an idle direction holds
 /// none. Reads through `AsyncRead`, which notes a short read as "drained"
-/// and so saves the extra read that would only say `EAGAIN`.
+/// and so saves the extra read that would only say `EAGAIN`. A direction
+/// whose read fills a whole chunk is a bulk transfer: it switches to
+/// splice(2) through a pipe of its own, so its bytes no longer cross user space.
 async fn pump_plain(
     mut from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
@@ -91,28 +99,75 @@ async fn pump_plain(
     m: &Meter<'_>,
 ) -> io::Result<u64> {
     let mut total = 0u64;
+    let mut pipe: Option<Pipe> = None;
     loop {
-        from.readable().await?;
-        let mut buf = take_buf();
-        let n = match from.read(&mut buf).await {
-            Ok(n) => n,
-            Err(e) => {
+        let n = match pipe.as_mut() {
+            Some(p) => p.splice(from.as_ref(), to.as_ref()).await?,
+            None => {
+                from.readable().await?;
+                let mut buf = take_buf();
+                let read = from.read(&mut buf).await;
+                let n = match read {
+                    Ok(n) if n > 0 => to.write_all(&buf[..n]).await.map(|_| n),
+                    other => other,
+                };
                 give_buf(buf);
-                return Err(e);
+                let n = n?;
+                if n == CHUNK {
+                    pipe = Pipe::new().ok();
+                }
+                n
             }
         };
         if n == 0 {
-            give_buf(buf);
             // Pass the FIN on; the other direction keeps flowing.
             let _ = to.shutdown().await;
             return Ok(total);
         }
-        let written = to.write_all(&buf[..n]).await;
-        give_buf(buf);
-        written?;
         total += n as u64;
         counter.inc_by(n as u64);
         m.activity.touch((m.clock)());
+    }
+}
+
+/// A pipe for splice(2): socket → pipe → socket, without a user-space copy.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        Ok(Pipe { read, write })
+    }
+
+    /// Moves what `from` has (up to a pipe's worth) into `to`; 0 at EOF.
+    async fn splice(&mut self, from: &TcpStream, to: &TcpStream) -> io::Result<usize> {
+        let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+        let n = loop {
+            from.readable().await?;
+            // The pipe is empty here, so EAGAIN means the socket is drained.
+            match from.try_io(Interest::READABLE, || {
+                Ok(splice(from, None, &self.write, None, PIPE_SIZE, flags)?)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        let mut left = n;
+        while left > 0 {
+            to.writable().await?;
+            match to.try_io(Interest::WRITABLE, || {
+                Ok(splice(&self.read, None, to, None, left, flags)?)
+            }) {
+                Ok(w) => left -= w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
     }
 }
 

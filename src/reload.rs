@@ -150,11 +150,22 @@ impl Reloader {
         for w in &cfg.warnings {
             tracing::warn!("{w}");
         }
-        let snap = Snapshot::compile(
-            Arc::new(cfg),
-            current.snap.resolved.clone(),
-            SystemTime::now(),
-        );
+        // Members learned from EC2 carry over only while a resolver is
+        // configured, and only for groups still referenced.
+        let resolved: GroupMembers = match cfg.security_groups.aws {
+            Some(_) => {
+                let wanted = crate::groups::referenced(&cfg);
+                current
+                    .snap
+                    .resolved
+                    .iter()
+                    .filter(|(k, _)| wanted.contains(*k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            }
+            None => GroupMembers::new(),
+        };
+        let snap = Snapshot::compile(Arc::new(cfg), Arc::new(resolved), SystemTime::now());
         let prepared = match self.listeners.prepare(&snap.config.listeners) {
             Ok(p) => p,
             Err(e) => {
