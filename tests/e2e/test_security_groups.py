@@ -429,10 +429,6 @@ def test_group_added_by_reload_is_resolved(moat, echo, ports, world, aws_env):
     assert_echoes(port, web_ip, b"member of the first group")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "daemon bug: Reloader::apply (src/reload.rs) carries current.snap.resolved into the new "
-    "generation even when the new config has no [security_groups] aws, and refresh_loop stops "
-    "refreshing, so the API's last answer stays admitted forever"))
 def test_removing_aws_resolver_drops_api_members(moat, echo, ports, world, aws_env):
     """SPEC 3.8: without `[security_groups] aws` a group's members are those of
     the membership file. A reload that removes the resolver must not keep
