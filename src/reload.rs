@@ -288,6 +288,9 @@ pub async fn watch_files(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
     }
 }
 
+/// Wake a little after an expiry instant, so the rule is past it for sure.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(2);
+
 /// Rebuilds the rules when the next `expires` instant passes.
 pub async fn expire_rules(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
     let mut generation = shared.generation.subscribe();
@@ -296,6 +299,7 @@ pub async fn expire_rules(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
         let wait = next.map(|t| {
             t.duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO)
+                + EXPIRY_MARGIN
         });
         tokio::select! {
             _ = async { match wait { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {

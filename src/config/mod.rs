@@ -3,6 +3,7 @@
 //! `moat explain` and reloads all go through [`load`].
 
 mod diag;
+mod groups;
 mod raw;
 mod schema;
 mod validate;

@@ -82,7 +82,7 @@ pub fn load_bytes(path: &Path, bytes: &[u8], now: SystemTime) -> Result<Config, 
 
 /// Parses TOML text: syntax errors, then the schema pass (unknown keys, wrong
 /// types, missing keys, all reported), then the typed structs.
-fn parse<T: serde::de::DeserializeOwned>(
+pub(super) fn parse<T: serde::de::DeserializeOwned>(
     report: &mut Report,
     src: &Source,
     schema: &super::schema::Schema,
@@ -139,31 +139,31 @@ fn finish(mut report: Report) -> ConfigError {
     }
 }
 
-struct Validator<'a> {
-    src: &'a Source,
-    base: &'a Path,
-    report: &'a mut Report,
-    files: &'a mut Vec<PathBuf>,
-    hasher: &'a mut Sha256,
-    now: SystemTime,
+pub(super) struct Validator<'a> {
+    pub(super) src: &'a Source,
+    pub(super) base: &'a Path,
+    pub(super) report: &'a mut Report,
+    pub(super) files: &'a mut Vec<PathBuf>,
+    pub(super) hasher: &'a mut Sha256,
+    pub(super) now: SystemTime,
 }
 
 impl Validator<'_> {
-    fn err<T>(&mut self, s: &Spanned<T>, msg: impl Into<String>) {
+    pub(super) fn err<T>(&mut self, s: &Spanned<T>, msg: impl Into<String>) {
         self.report.error(self.src, s.span(), msg);
     }
 
-    fn warn<T>(&mut self, s: &Spanned<T>, msg: impl Into<String>) {
+    pub(super) fn warn<T>(&mut self, s: &Spanned<T>, msg: impl Into<String>) {
         self.report.warn(self.src, s.span(), msg);
     }
 
-    fn duration(&mut self, key: &str, s: &Spanned<String>) -> Option<Duration> {
+    pub(super) fn duration(&mut self, key: &str, s: &Spanned<String>) -> Option<Duration> {
         parse_duration(key, s.get_ref())
             .map_err(|m| self.err(s, m))
             .ok()
     }
 
-    fn choice<T: Copy>(
+    pub(super) fn choice<T: Copy>(
         &mut self,
         key: &str,
         s: &Spanned<String>,
@@ -279,7 +279,7 @@ impl Validator<'_> {
         l
     }
 
-    fn nonzero(&mut self, key: &str, s: &Spanned<String>) -> Option<Duration> {
+    pub(super) fn nonzero(&mut self, key: &str, s: &Spanned<String>) -> Option<Duration> {
         let d = self.duration(key, s)?;
         if d.is_zero() {
             self.err(
@@ -292,7 +292,11 @@ impl Validator<'_> {
     }
 
     /// Reads a file named by the config, hashing it for change detection.
-    fn read_named(&mut self, at: &Spanned<String>, what: &str) -> Option<(PathBuf, Vec<u8>)> {
+    pub(super) fn read_named(
+        &mut self,
+        at: &Spanned<String>,
+        what: &str,
+    ) -> Option<(PathBuf, Vec<u8>)> {
         let path = self.resolve(at.get_ref());
         match std::fs::read(&path) {
             Ok(bytes) => {
@@ -305,123 +309,6 @@ impl Validator<'_> {
                 None
             }
         }
-    }
-
-    fn security_groups(&mut self, raw: Option<&RawSecurityGroups>) -> SecurityGroups {
-        let mut sg = SecurityGroups::default();
-        let Some(raw) = raw else { return sg };
-        if let Some(f) = &raw.file {
-            if let Some((path, bytes)) = self.read_named(f, "security-group membership file") {
-                sg.members = self.membership(&path, bytes);
-                sg.file = Some(path);
-            }
-        }
-        if let Some(aws) = &raw.aws {
-            sg.aws = self.aws(aws);
-        }
-        sg
-    }
-
-    fn membership(&mut self, path: &Path, bytes: Vec<u8>) -> BTreeMap<GroupKey, Vec<IpNet>> {
-        let src = Source {
-            path: path.to_path_buf(),
-            text: String::from_utf8_lossy(&bytes).into_owned(),
-        };
-        let mut out = BTreeMap::new();
-        let Some(raw) = parse::<RawMembership>(self.report, &src, &super::schema::MEMBERSHIP)
-        else {
-            return out;
-        };
-        for g in &raw.group {
-            let g = g.get_ref();
-            let mut ok = true;
-            if let Err(m) = check_account(g.aws_account.get_ref()) {
-                self.report.error(&src, g.aws_account.span(), m);
-                ok = false;
-            }
-            if let Err(m) = check_group_id(g.id.get_ref()) {
-                self.report.error(&src, g.id.span(), m);
-                ok = false;
-            }
-            let mut members = Vec::new();
-            for m in &g.members {
-                match parse_cidr(m.get_ref()) {
-                    Ok(net) => members.push(net),
-                    Err(msg) => self.report.error(
-                        &src,
-                        m.span(),
-                        format!("group {}: {msg}", g.id.get_ref()),
-                    ),
-                }
-            }
-            let key = GroupKey {
-                account: g.aws_account.get_ref().clone(),
-                id: g.id.get_ref().clone(),
-            };
-            if ok && out.insert(key, members).is_some() {
-                self.report.error(&src, g.id.span(), format!("group {} of account {} is listed twice; merge its members into one [[group]]", g.id.get_ref(), g.aws_account.get_ref()));
-            }
-        }
-        out
-    }
-
-    fn aws(&mut self, raw: &Spanned<RawAws>) -> Option<AwsResolver> {
-        let a = raw.get_ref();
-        let mut ok = true;
-        let region = a.region.get_ref().trim().to_string();
-        if region.is_empty()
-            || !region
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
-            self.err(
-                &a.region,
-                format!(
-                    "region = \"{}\" is not an AWS region; write it like \"us-east-1\"",
-                    a.region.get_ref()
-                ),
-            );
-            ok = false;
-        }
-        let refresh = match &a.refresh {
-            Some(r) => match self.nonzero("refresh", r) {
-                Some(d) if d < Duration::from_secs(5) => {
-                    self.err(r, "refresh must be at least 5s so the EC2 API is not throttled; write it like \"60s\"");
-                    ok = false;
-                    d
-                }
-                Some(d) => d,
-                None => {
-                    ok = false;
-                    Duration::ZERO
-                }
-            },
-            None => Duration::from_secs(60),
-        };
-        if let Some(e) = &a.endpoint {
-            if !(e.get_ref().starts_with("http://") || e.get_ref().starts_with("https://")) {
-                self.err(e, format!("endpoint = \"{}\" is not a URL; write it like \"https://ec2.us-east-1.amazonaws.com\"", e.get_ref()));
-                ok = false;
-            }
-        }
-        let mut accounts = BTreeMap::new();
-        for (acct, role) in &a.accounts {
-            if let Err(m) = check_account(acct.get_ref()) {
-                self.err(acct, m);
-                ok = false;
-            }
-            if !role.role_arn.get_ref().starts_with("arn:") {
-                self.err(&role.role_arn, format!("role_arn = \"{}\" is not an IAM role ARN; write it like \"arn:aws:iam::123456789012:role/moat-reader\"", role.role_arn.get_ref()));
-                ok = false;
-            }
-            accounts.insert(acct.get_ref().clone(), role.role_arn.get_ref().clone());
-        }
-        ok.then(|| AwsResolver {
-            region,
-            refresh,
-            endpoint: a.endpoint.as_ref().map(|e| e.get_ref().clone()),
-            accounts,
-        })
     }
 
     fn deployments(
