@@ -26,10 +26,11 @@ pub fn classify(bytes: &[u8]) -> FirstBytes {
         Prefix::Undecided if !bytes.is_empty() => return FirstBytes::Undecided,
         _ => {}
     }
+    // A record header: type 22, version 3.x with x in 1..=4 (a MongoDB
+    // message of 790 + 65536·k bytes starts 0x16 0x03 0x00 or 0x16 0x03 ≥5).
     match bytes {
-        [] => FirstBytes::Undecided,
-        [HANDSHAKE] => FirstBytes::Undecided,
-        [HANDSHAKE, 3, ..] => FirstBytes::Tls,
+        [] | [HANDSHAKE] | [HANDSHAKE, 3] => FirstBytes::Undecided,
+        [HANDSHAKE, 3, 1..=4, ..] => FirstBytes::Tls,
         _ => FirstBytes::Plaintext,
     }
 }
@@ -55,6 +56,9 @@ mod tests {
     fn classifies() {
         assert_eq!(classify(&[0x16, 3, 1, 0, 5]), FirstBytes::Tls);
         assert_eq!(classify(&[0x16]), FirstBytes::Undecided);
+        assert_eq!(classify(&[0x16, 3]), FirstBytes::Undecided);
+        // A 790-byte MongoDB message is not a TLS record.
+        assert_eq!(classify(&[0x16, 3, 0, 0, 0xdd, 7]), FirstBytes::Plaintext);
         assert_eq!(classify(b"PROXY TCP4 "), FirstBytes::ProxyHeader);
         assert_eq!(classify(b"PRO"), FirstBytes::Undecided);
         // A MongoDB message starts with its little-endian length.

@@ -122,7 +122,7 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
     tracing::info!(grace = %humantime::format_duration(grace), active = shared.active_connections(), "shutting down: no longer accepting");
     crate::systemd::stopping();
     shared.phase.send_replace(Phase::Draining);
-    reloader.lock().await.listeners().close_all();
+    reloader.lock().await.stop();
     let deadline = Instant::now() + grace;
     let mut second_signal = false;
     while shared.active_connections() > 0 && Instant::now() < deadline {

@@ -129,13 +129,10 @@ pub async fn refresh_loop(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
             .with_label_values(&[if ok { "success" } else { "failure" }])
             .inc();
         failures = if ok { 0 } else { failures + 1 };
-        // Compare with the generation in force now (a reload may have run).
-        if *shared.live.load().snap.resolved != resolved {
-            reloader
-                .lock()
-                .await
-                .recompile(Some(Arc::new(resolved)), "security groups refreshed");
-        }
+        reloader
+            .lock()
+            .await
+            .apply_groups(&live.snap.config, resolved);
         tokio::time::sleep(next_wait(settings.refresh, failures)).await;
     }
 }

@@ -14,6 +14,10 @@ use tokio::task::JoinHandle;
 
 /// Pending connections the kernel may queue per listener.
 const BACKLOG: i32 = 4096;
+/// Keepalive: probe after 2 minutes of silence, every 20 s, 6 times.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(120);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_PROBES: u32 = 6;
 /// Pause after the process runs out of file descriptors or memory.
 const EXHAUSTED_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -25,7 +29,15 @@ pub fn bind(addr: SocketAddr, v6_only: bool) -> io::Result<std::net::TcpListener
         socket.set_only_v6(v6_only)?;
     }
     socket.set_nonblocking(true)?;
+    // Inherited by every accepted socket (no syscall per connection):
+    // TCP_NODELAY, and keepalive so that a client host that vanishes
+    // without FIN or RST frees its slot and its upstream connection.
     socket.set_tcp_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket.set_tcp_keepalive(&keepalive)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())

@@ -91,6 +91,8 @@ pub struct Reloader {
     shared: Arc<Shared>,
     path: PathBuf,
     listeners: Listeners,
+    /// Set once shutdown began: nothing is reloaded or re-bound after that.
+    stopped: bool,
 }
 
 impl Reloader {
@@ -99,22 +101,30 @@ impl Reloader {
             shared,
             path,
             listeners,
+            stopped: false,
         }
     }
 
-    pub fn listeners(&mut self) -> &mut Listeners {
-        &mut self.listeners
+    /// Shutdown: closes every listener; later reloads change nothing.
+    pub fn stop(&mut self) {
+        self.stopped = true;
+        self.listeners.close_all();
     }
 
     /// Re-reads the files. Unless `force`, nothing happens when their bytes
     /// are unchanged. Returns whether a new generation was published.
     pub fn reload(&mut self, force: bool, why: &str) -> bool {
+        if self.stopped {
+            return false;
+        }
         let started = Instant::now();
         let current = self.shared.live.load_full();
         if !force
             && config::fingerprint(&current.snap.config.files)
                 == Some(current.snap.config.fingerprint)
         {
+            // The files are those in force again (say, a bad edit reverted).
+            metrics().last_reload_successful.set(1);
             tracing::debug!(trigger = why, "files unchanged; nothing to reload");
             return false;
         }
@@ -128,6 +138,7 @@ impl Reloader {
             }
             Ok(cfg) => {
                 if !force && cfg.fingerprint == current.snap.config.fingerprint {
+                    metrics().last_reload_successful.set(1);
                     crate::systemd::ready();
                     return false;
                 }
@@ -186,9 +197,22 @@ impl Reloader {
         true
     }
 
+    /// Applies EC2 members resolved under `config`, unless a reload replaced
+    /// that config meanwhile (the next refresh resolves for the new one).
+    pub fn apply_groups(&mut self, config: &Arc<Config>, resolved: GroupMembers) {
+        let current = self.shared.live.load();
+        if Arc::ptr_eq(&current.snap.config, config) && *current.snap.resolved != resolved {
+            drop(current);
+            self.recompile(Some(Arc::new(resolved)), "security groups refreshed");
+        }
+    }
+
     /// Rebuilds the current generation at a new instant (rules expire) or
     /// with new security-group members, without re-reading files.
     pub fn recompile(&mut self, resolved: Option<Arc<GroupMembers>>, why: &str) {
+        if self.stopped {
+            return;
+        }
         let current = self.shared.live.load_full();
         let resolved = resolved.unwrap_or_else(|| current.snap.resolved.clone());
         let snap = Snapshot::compile(current.snap.config.clone(), resolved, SystemTime::now());

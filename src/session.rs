@@ -110,8 +110,11 @@ impl Session {
 /// `on_revoke = "close"`); otherwise never.
 async fn revoked(shared: &Shared, name: &str, source: std::net::IpAddr) -> Deny {
     let mut rx = shared.generation.subscribe();
+    // The first check covers any change made while the connection was
+    // being set up (admitted against an older generation).
+    let mut first = true;
     loop {
-        if rx.changed().await.is_err() {
+        if !std::mem::replace(&mut first, false) && rx.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
         let live = shared.live.load();

@@ -33,7 +33,7 @@ fn watchdog_usec() -> Option<u64> {
 /// Pings the watchdog at half the interval systemd asked for, if it asked.
 pub fn spawn_watchdog() {
     let Some(usec) = watchdog_usec() else { return };
-    let every = Duration::from_micros(usec / 2);
+    let every = Duration::from_micros(usec / 2).max(Duration::from_millis(1));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {

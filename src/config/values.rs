@@ -45,11 +45,20 @@ pub fn is_whole_internet(net: &IpNet) -> bool {
     net.prefix_len() == 0
 }
 
+/// The longest duration any setting takes (so deadlines cannot overflow).
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// `"30s"`, `"5m"`, `"1h30m"`, `"0s"`.
 pub fn parse_duration(key: &str, text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| {
+    let d = humantime::parse_duration(text.trim()).map_err(|e| {
         format!("{key} = \"{text}\" is not a duration ({e}); write a number with a unit, like \"5s\", \"30m\" or \"1h\"")
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{key} = \"{text}\" is too long; durations go up to 365 days"
+        ));
+    }
+    Ok(d)
 }
 
 /// An RFC 3339 instant: a string, or a TOML offset date-time.
@@ -68,12 +77,14 @@ pub fn parse_expires(value: &toml::Value) -> Result<SystemTime, String> {
         .map_err(|_| {
             format!("expires = \"{text}\" is not an RFC 3339 timestamp; write it with a date, a time and an offset, like \"2026-12-31T00:00:00Z\"")
         })?;
-    let nanos = t.unix_timestamp_nanos();
-    Ok(if nanos >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos as u64)
+    let secs = t.unix_timestamp();
+    let since_epoch = Duration::new(secs.unsigned_abs(), t.nanosecond());
+    let instant = if secs >= 0 {
+        SystemTime::UNIX_EPOCH.checked_add(since_epoch)
     } else {
-        SystemTime::UNIX_EPOCH - Duration::from_nanos(nanos.unsigned_abs() as u64)
-    })
+        SystemTime::UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))
+    };
+    instant.ok_or_else(|| format!("expires = \"{text}\" is out of range"))
 }
 
 /// An AWS account id: exactly 12 digits.
@@ -218,5 +229,8 @@ mod tests {
         assert!(parse_expires(&v).is_ok());
         let v = toml::Value::String("2026-12-31".into());
         assert!(parse_expires(&v).is_err());
+        let far = parse_expires(&toml::Value::String("2600-01-01T00:00:00Z".into())).unwrap();
+        assert!(far > SystemTime::UNIX_EPOCH + Duration::from_secs(19_000_000_000));
+        assert!(parse_duration("d", "400days").is_err());
     }
 }
