@@ -438,3 +438,29 @@ fn tls_failed<T>(state: &DeploymentState, source: IpAddr, reason: &str) -> Optio
     tracing::debug!(deployment = %state.name, source = %source, reason, "TLS handshake failed; connection closed");
     None
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every connection's task is as large as this future for its whole
+    /// life: keep the long-lived (forwarding) state small. Setup and TLS
+    /// state live in their own boxes.
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let now = std::time::SystemTime::now();
+        let config = crate::config::load(std::path::Path::new("config/moat.toml"), now).unwrap();
+        let snap = crate::snapshot::Snapshot::compile(
+            std::sync::Arc::new(config),
+            Default::default(),
+            now,
+        );
+        let shared = crate::state::Shared::new(crate::reload::build_live(snap, &[]));
+        let size = std::mem::size_of_val(&super::serve(shared, stream, addr, addr));
+        assert!(
+            size <= 3 * 1024,
+            "a connection's task state grew to {size} bytes"
+        );
+    }
+}

@@ -102,7 +102,8 @@ async fn pump_plain(
     let mut pipe: Option<Pipe> = None;
     loop {
         let n = match pipe.as_mut() {
-            Some(p) => p.splice(from.as_ref(), to.as_ref()).await?,
+            // Boxed: only bulk transfers pay for the splice state.
+            Some(p) => Box::pin(p.splice(from.as_ref(), to.as_ref())).await?,
             None => {
                 from.readable().await?;
                 let mut buf = take_buf();
