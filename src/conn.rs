@@ -219,9 +219,26 @@ impl Setup {
         if !is_tls {
             return self.connect(Client::Plain(stream), permit, slot).await;
         }
-        let start = Instant::now();
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
-        match timeout(self.handshake_timeout, acceptor.accept(stream)).await {
+        let limit = self.handshake_timeout;
+        self.finish_tls(acceptor.accept(stream), limit, Instant::now(), permit, slot)
+            .await
+    }
+
+    /// Completes a TLS handshake within `limit`, then dials the upstream.
+    async fn finish_tls<F>(
+        self,
+        handshake: F,
+        limit: Duration,
+        start: Instant,
+        permit: Permit,
+        slot: Slot,
+    ) -> Option<Session>
+    where
+        F: std::future::Future<Output = io::Result<tokio_rustls::server::TlsStream<TcpStream>>>,
+    {
+        let state = slot.state.clone();
+        match timeout(limit, handshake).await {
             Ok(Ok(s)) => {
                 state
                     .metrics
@@ -301,26 +318,9 @@ impl Setup {
             return None;
         };
         let server = config.deployments[dep].tls.as_ref()?.server.clone();
-        match timeout(
-            self.handshake_timeout.saturating_sub(start.elapsed()),
-            handshake.into_stream(server),
-        )
-        .await
-        {
-            Ok(Ok(s)) => {
-                state
-                    .metrics
-                    .tls_handshake
-                    .observe(start.elapsed().as_secs_f64());
-                self.connect(Client::Tls(Box::new(s)), permit, slot).await
-            }
-            Ok(Err(e)) => tls_failed(state, self.source, &e.to_string()),
-            Err(_) => tls_failed(
-                state,
-                self.source,
-                "no TLS handshake within handshake_timeout",
-            ),
-        }
+        let limit = self.handshake_timeout.saturating_sub(start.elapsed());
+        self.finish_tls(handshake.into_stream(server), limit, start, permit, slot)
+            .await
     }
 
     /// Dials the upstream; only an admitted connection (a `Permit`) can.

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Iterable
 
-from moatlib import connect_from, recv_exactly, wait_until
+from moatlib import _ephemeral_range, connect_from, free_ports, recv_exactly, wait_until
 
 OUTCOMES = ("allowed", "denied", "limited", "tls_error", "upstream_error", "proxy_protocol_error")
 
@@ -42,14 +42,6 @@ def rfc3339_in(seconds: float) -> tuple[str, float]:
     return text, float(t)
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        lo, hi = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
-        return int(lo), int(hi)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
 def free_dual_port() -> int:
     """A port free on both 0.0.0.0 and [::] right now, chosen outside the
     kernel's ephemeral range so that outgoing connections (of this machine's
@@ -72,30 +64,8 @@ def free_dual_port() -> int:
     raise RuntimeError("no dual-stack free port found")
 
 
-def quiet_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """`n` distinct ports free on `host`, outside the ephemeral range (a port
-    the kernel hands to outgoing connections can be taken between choosing
-    it and moat binding it on a busy machine)."""
-    import random
-    lo, hi = _ephemeral_range()
-    rng = random.Random()
-    out: list[int] = []
-    for _ in range(1000):
-        if len(out) == n:
-            break
-        port = rng.randrange(20000, 32000)
-        if lo <= port <= hi or port in out:
-            continue
-        try:
-            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind((host, port))
-        except OSError:
-            continue
-        out.append(port)
-    if len(out) < n:
-        raise RuntimeError("could not find free ports")
-    return out
-
+# Ports outside the kernel's ephemeral range (moatlib chooses them so).
+quiet_ports = free_ports
 
 def start_retrying(moat, make_config, attempts: int = 3, **kw):
     """moat(make_config()) retried when a freshly chosen port was taken by

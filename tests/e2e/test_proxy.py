@@ -27,14 +27,6 @@ def dep(name: str, listen, upstream: str, body: str = "") -> str:
     return f'[[deployment]]\nname = "{name}"\nlisten = {listen_toml}\nupstream = "{upstream}"\n{body}\n'
 
 
-@pytest.fixture
-def ports():
-    """Overrides conftest's `ports`: the same interface, but ports outside the
-    ephemeral range, which concurrent outgoing connections cannot take."""
-    def alloc(n: int | None = None, host: str = "127.0.0.1"):
-        got = quiet_ports(n or 1, host)
-        return got if n else got[0]
-    return alloc
 
 
 # --------------------------------------------------------------------------

@@ -46,13 +46,6 @@ REFRESHES = "moat_security_group_refreshes_total"
 REVOKED = "moat_revoked_connections_total"
 
 
-@pytest.fixture
-def ports():
-    """Overrides conftest's `ports`: ports outside the ephemeral range."""
-    def alloc(n: int | None = None, host: str = "127.0.0.1"):
-        got = quiet_ports(n or 1, host)
-        return got if n else got[0]
-    return alloc
 
 
 @pytest.fixture
