@@ -1,6 +1,6 @@
 //! Address normalisation at the edge: IPv4-mapped IPv6 peers become IPv4.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 /// `::ffff:a.b.c.d` becomes `a.b.c.d`; every other address is unchanged.
 #[inline]
@@ -12,11 +12,6 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
         },
         v4 => v4,
     }
-}
-
-/// The same for a socket address (port kept).
-pub fn canonical_socket(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(canonical(addr.ip()), addr.port())
 }
 
 #[cfg(test)]

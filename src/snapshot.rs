@@ -146,9 +146,4 @@ impl Snapshot {
     pub fn deployment_index(&self, name: &str) -> Option<usize> {
         self.index.get(name).copied()
     }
-
-    /// The deployments served on a listen address.
-    pub fn listener(&self, addr: std::net::SocketAddr) -> Option<&crate::config::ListenerSpec> {
-        self.config.listeners.iter().find(|l| l.addr == addr)
-    }
 }

@@ -170,12 +170,3 @@ pub struct ListenerSpec {
     pub v6_only: bool,
     pub deployments: Vec<usize>,
 }
-
-impl Config {
-    pub fn deployment(&self, name: &str) -> Option<(usize, &Deployment)> {
-        self.deployments
-            .iter()
-            .enumerate()
-            .find(|(_, d)| d.name == name)
-    }
-}

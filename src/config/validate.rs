@@ -413,14 +413,7 @@ impl Validator<'_> {
             }
             nets
         });
-        let mut limits = self.limits(r.limits.as_ref(), global, false);
-        if r.limits
-            .as_ref()
-            .and_then(|l| l.max_connections.as_ref())
-            .is_none()
-        {
-            limits.max_connections = None;
-        }
+        let limits = self.limits(r.limits.as_ref(), global, false);
         let tls = r.tls.as_ref().and_then(|t| {
             if plan == Plan::Shared {
                 self.err(t, format!("{ctx}: plan = \"shared\" cannot have a [deployment.tls] table: TLS is for dedicated deployments; remove it or set plan = \"dedicated\""));
