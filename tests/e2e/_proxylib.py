@@ -5,7 +5,6 @@ memory, metric label checks. Nothing here sleeps to synchronise."""
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import hashlib
 import ipaddress
 import os
@@ -16,7 +15,7 @@ import threading
 import time
 from typing import Iterable
 
-from moatlib import _ephemeral_range, connect_from, free_ports, recv_exactly, wait_until
+from moatlib import _ephemeral_range, connect_from, connection_outcome, free_ports, recv_exactly, wait_until
 
 OUTCOMES = ("allowed", "denied", "limited", "tls_error", "upstream_error", "proxy_protocol_error")
 
@@ -129,15 +128,7 @@ def refusal_outcome(port: int, src: str, send: bytes = b"", timeout: float = 5.0
                     s.shutdown(socket.SHUT_WR)
             except OSError:
                 return "reset"
-        try:
-            data = s.recv(1)
-        except socket.timeout:
-            return "open"
-        except OSError as e:
-            if e.errno in (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED):
-                return "reset"
-            raise
-        return "data" if data else "closed"
+        return connection_outcome(s, timeout)
     finally:
         s.close()
 
