@@ -2,6 +2,7 @@
 //! hosts. The binary (`src/main.rs`) is a thin command line over this crate.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod addr;
 pub mod admin;
 pub mod admission;
