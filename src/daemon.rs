@@ -82,6 +82,14 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
             return 1;
         }
     }
+    // Asked by the API after a write: reload now, without the watcher's settle.
+    let reload_now = Arc::new(tokio::sync::Notify::new());
+    if let Some(api) = &config.api {
+        if let Err(e) = crate::api::start(api.listen, path, shared.clone(), reload_now.clone()) {
+            tracing::error!("cannot serve [api] listen {}: {e}", api.listen);
+            return 1;
+        }
+    }
     reload::mark_success();
     shared.ready.store(true, Ordering::Release);
     crate::systemd::ready();
@@ -104,6 +112,15 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
         shared.clone(),
         reloader.clone(),
     ));
+    {
+        let reloader = reloader.clone();
+        tokio::spawn(async move {
+            loop {
+                reload_now.notified().await;
+                reloader.lock().await.reload(false, "API write");
+            }
+        });
+    }
     {
         let reloader = reloader.clone();
         tokio::spawn(async move {

@@ -51,6 +51,8 @@ pub struct Shared {
     pub ready: std::sync::atomic::AtomicBool,
     /// When the daemon started, for the coarse clocks below.
     pub epoch: Instant,
+    /// Live connections (for the API's `/connections`).
+    pub registry: crate::registry::Registry,
 }
 
 impl Shared {
@@ -62,6 +64,7 @@ impl Shared {
             phase: watch::channel(crate::conn::Phase::Running).0,
             ready: std::sync::atomic::AtomicBool::new(false),
             epoch: Instant::now(),
+            registry: Default::default(),
         })
     }
 
