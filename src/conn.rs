@@ -485,14 +485,15 @@ impl Setup<'_> {
         };
         let _ = upstream.set_nodelay(true);
         state.metrics.count(Outcome::Allowed);
-        let rule = match ready.permit.rule(&self.live.snap) {
-            Some((description, net)) => format!("{description} ({net})"),
-            None => "shared plan".to_string(),
+        let (description, cidr) = match ready.permit.rule(&self.live.snap) {
+            Some((description, net)) => (description.to_string(), net.to_string()),
+            None => ("shared plan".to_string(), String::new()),
         };
         let registration = self.shared.registry.register(NewConn {
             deployment: state.name.clone(),
             source,
-            rule,
+            description,
+            cidr,
             tls: ready.tls,
             sni: ready.sni,
         });

@@ -29,7 +29,11 @@ pub struct Record {
     pub id: u64,
     pub deployment: Arc<str>,
     pub source: IpAddr,
+    /// The admitting rule: its description and prefix ("shared plan" for a shared deployment).
     pub rule: String,
+    /// The admitting rule's description alone, and its prefix, for logs.
+    pub description: String,
+    pub cidr: String,
     pub tls: bool,
     pub sni: Option<String>,
     pub since: SystemTime,
@@ -70,7 +74,8 @@ impl Record {
 pub struct NewConn {
     pub deployment: Arc<str>,
     pub source: IpAddr,
-    pub rule: String,
+    pub description: String,
+    pub cidr: String,
     pub tls: bool,
     pub sni: Option<String>,
 }
@@ -90,7 +95,13 @@ impl Registry {
             id,
             deployment: c.deployment,
             source: c.source,
-            rule: c.rule,
+            rule: if c.cidr.is_empty() {
+                c.description.clone()
+            } else {
+                format!("{} ({})", c.description, c.cidr)
+            },
+            description: c.description,
+            cidr: c.cidr,
             tls: c.tls,
             sni: c.sni,
             since: SystemTime::now(),
@@ -158,7 +169,8 @@ mod tests {
         NewConn {
             deployment: "orders".into(),
             source: "192.0.2.1".parse().unwrap(),
-            rule: "app servers".into(),
+            description: "app servers".into(),
+            cidr: "10.0.0.0/16".into(),
             tls: false,
             sni: None,
         }
@@ -173,6 +185,7 @@ mod tests {
         let list = r.list();
         assert_eq!(list.len(), 2);
         assert_eq!(list[0].bytes_to_upstream, 7);
+        assert_eq!(list[0].rule, "app servers (10.0.0.0/16)");
         assert!(r.close(b.record.id));
         b.record.closed().await; // already closed: resolves at once
         drop(b);

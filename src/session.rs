@@ -96,23 +96,24 @@ impl Session {
         };
         let ms = record.since.elapsed().map_or(0, |d| d.as_millis() as u64);
         let name = &state.name;
-        let rule = &record.rule;
+        let rule = &record.description;
+        let cidr = &record.cidr;
         match end {
             End::Finished(Ok(t)) => {
-                tracing::info!(deployment = %name, source = %source, outcome = "allowed", rule, to_upstream = t.to_upstream, to_client = t.to_client, duration_ms = ms, "connection closed")
+                tracing::info!(deployment = %name, source = %source, outcome = "allowed", rule, cidr, to_upstream = t.to_upstream, to_client = t.to_client, duration_ms = ms, "connection closed")
             }
             End::Finished(Err(e)) => {
-                tracing::info!(deployment = %name, source = %source, outcome = "allowed", rule, duration_ms = ms, error = %e, "connection ended with an error")
+                tracing::info!(deployment = %name, source = %source, outcome = "allowed", rule, cidr, duration_ms = ms, error = %e, "connection ended with an error")
             }
             End::Revoked(why) => {
                 state.metrics.revoked.inc();
-                tracing::warn!(deployment = %name, source = %source, outcome = "allowed", rule, duration_ms = ms, reason = %why, "connection revoked");
+                tracing::warn!(deployment = %name, source = %source, outcome = "allowed", rule, cidr, duration_ms = ms, reason = %why, "connection revoked");
             }
             End::Idle => {
-                tracing::info!(deployment = %name, source = %source, outcome = "allowed", rule, duration_ms = ms, "connection closed after idle_timeout")
+                tracing::info!(deployment = %name, source = %source, outcome = "allowed", rule, cidr, duration_ms = ms, "connection closed after idle_timeout")
             }
             End::Shutdown => {
-                tracing::info!(deployment = %name, source = %source, outcome = "allowed", rule, duration_ms = ms, "connection closed: shutdown grace period over")
+                tracing::info!(deployment = %name, source = %source, outcome = "allowed", rule, cidr, duration_ms = ms, "connection closed: shutdown grace period over")
             }
         }
     }
