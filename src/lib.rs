@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod proxy_header;
 pub mod registry;
 pub mod reload;
+pub mod rewind;
 pub mod rules;
 pub mod session;
 pub mod snapshot;

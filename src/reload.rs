@@ -5,10 +5,10 @@
 
 use crate::config::{self, Config};
 use crate::listener::Listeners;
-use crate::metrics::{metrics, DeploymentMetrics};
+use crate::metrics::metrics;
 use crate::snapshot::{GroupMembers, Snapshot};
 use crate::state::{DeploymentState, Live, Shared};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -19,22 +19,22 @@ const SETTLE: Duration = Duration::from_millis(150);
 /// Longest a steady stream of events can postpone a reload.
 const SETTLE_MAX: Duration = Duration::from_secs(2);
 
-/// Builds a generation, reusing the runtime state of deployments that stay.
+/// Builds a generation. A deployment keeps its runtime state (counts,
+/// metrics) for as long as it is listed or still has connections open, so
+/// removing and re-adding it never resets its counts.
 pub fn build_live(snap: Snapshot, old: &[Arc<DeploymentState>]) -> Live {
-    let by_name: HashMap<&str, &Arc<DeploymentState>> = old.iter().map(|s| (&*s.name, s)).collect();
     let deployments: Vec<Arc<DeploymentState>> = snap
         .config
         .deployments
         .iter()
-        .map(|d| {
-            by_name
-                .get(d.name.as_str())
-                .map_or_else(|| Arc::new(DeploymentState::new(&d.name)), |s| (*s).clone())
-        })
+        .map(|d| DeploymentState::for_name(&d.name))
         .collect();
+    let m = metrics();
     for s in old {
         if !deployments.iter().any(|n| n.name == s.name) {
-            DeploymentMetrics::remove(&s.name);
+            // Configuration gauges go now; traffic series go with the state.
+            let _ = m.rules.remove_label_values(&[&s.name]);
+            let _ = m.cert_expiry.remove_label_values(&[&s.name]);
         }
     }
     Live { snap, deployments }
