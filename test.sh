@@ -63,7 +63,7 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   step "installing $req into .venv"
   .venv/bin/python -m pip install -q --disable-pip-version-check -r "$req"
-  .venv/bin/python -c 'import pytest, pytest_timeout, pymongo, mockupdb, cryptography'
+  .venv/bin/python -c 'import pytest, pytest_timeout, pymongo, mockupdb, cryptography, schemathesis'
   echo "$want" >"$stamp"
 fi
 
