@@ -83,10 +83,7 @@ impl ApiError {
         let h = resp.headers_mut();
         match &self {
             ApiError::Unauthorized(_) => {
-                h.insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"moat\""),
-                );
+                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             ApiError::MethodNotAllowed(allow) => {
                 h.insert(header::ALLOW, HeaderValue::from_static(allow));
