@@ -363,8 +363,11 @@ def test_delete_revokes_live_connections(api):
     for s in (s2, s3):
         s.sendall(b"hello")
         assert recv_exactly(s, 5) == b"hello"
-    conns = wait_until(lambda: (lambda c: c if c["totalCount"] == 2 else None)(
-        a.call("GET", "/connections").json()), what="2 connections listed")
+    def listed():
+        c = a.call("GET", "/connections").json()
+        done = c["totalCount"] == 2 and all(x["bytesToUpstream"] == 5 for x in c["results"])
+        return c if done else None
+    conns = wait_until(listed, what="2 connections listed, 5 bytes each")
     by_source = {c["source"]: c for c in conns["results"]}
     c2 = by_source["127.0.0.2"]
     assert c2["deployment"] == "orders" and c2["tls"] is False and c2["sni"] is None
