@@ -337,10 +337,10 @@ impl Reloader {
     }
 
     /// Ends a load: publishes a valid config, and counts and logs the outcome.
-    async fn finish(&mut self, p: Pending, outcome: Option<Loaded>) {
+    async fn finish(&mut self, p: Pending, outcome: Outcome) {
         let why = p.why.as_str();
         let published = match outcome {
-            None => {
+            Outcome::TimedOut => {
                 let files = config::files::slow_reads(LOAD_TIMEOUT / 2);
                 let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
                 tracing::error!(
@@ -351,7 +351,11 @@ impl Reloader {
                 );
                 false
             }
-            Some(Loaded::Unchanged) => {
+            Outcome::Died => {
+                tracing::error!(trigger = why, "reload refused, running config kept: loading the files failed unexpectedly (see the panic above)");
+                false
+            }
+            Outcome::Done(Loaded::Unchanged) => {
                 // The files are those in force again (say, a bad edit reverted).
                 metrics().last_reload_successful.set(1);
                 tracing::debug!(trigger = why, "files unchanged; nothing to reload");
@@ -359,14 +363,16 @@ impl Reloader {
                 notify(p.waiters, false);
                 return;
             }
-            Some(Loaded::Invalid(e)) => {
+            Outcome::Done(Loaded::Invalid(e)) => {
                 for d in &e.errors {
                     tracing::error!(trigger = why, "reload refused, running config kept: {d}");
                 }
                 false
             }
-            Some(Loaded::Valid(cfg)) if !self.stopped => self.apply(*cfg, why, p.started).await,
-            Some(Loaded::Valid(_)) => false,
+            Outcome::Done(Loaded::Valid(cfg)) if !self.stopped => {
+                self.apply(*cfg, why, p.started).await
+            }
+            Outcome::Done(Loaded::Valid(_)) => false,
         };
         count(published);
         crate::systemd::ready();
@@ -456,19 +462,23 @@ impl Reloader {
     }
 }
 
-/// The pending load's result, or None once its deadline passed.
-async fn wait(pending: &mut Option<Pending>) -> Option<Loaded> {
+/// How a pending load ended.
+enum Outcome {
+    Done(Loaded),
+    /// Its deadline passed; the thread is abandoned.
+    TimedOut,
+    /// The thread ended without an answer (a panic).
+    Died,
+}
+
+async fn wait(pending: &mut Option<Pending>) -> Outcome {
     let Some(p) = pending.as_mut() else {
         return std::future::pending().await;
     };
     match tokio::time::timeout_at(p.deadline, &mut p.result).await {
-        Ok(Ok(loaded)) => Some(loaded),
-        // The thread died without an answer (a panic): a failed load.
-        Ok(Err(_)) => Some(Loaded::Invalid(ConfigError {
-            errors: Vec::new(),
-            warnings: Vec::new(),
-        })),
-        Err(_) => None,
+        Ok(Ok(loaded)) => Outcome::Done(loaded),
+        Ok(Err(_)) => Outcome::Died,
+        Err(_) => Outcome::TimedOut,
     }
 }
 
