@@ -270,3 +270,170 @@ impl Ec2 {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! `members` against a real HTTP server on loopback that answers a
+    //! scripted sequence of EC2 answers.
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    const NS: &str = "http://ec2.amazonaws.com/doc/2016-11-15/";
+
+    fn page(ips: &[&str], next: Option<&str>) -> (u16, String) {
+        let items: String = ips
+            .iter()
+            .map(|ip| format!("<item><privateIpAddress>{ip}</privateIpAddress></item>"))
+            .collect();
+        let next = next
+            .map(|t| format!("<nextToken>{t}</nextToken>"))
+            .unwrap_or_default();
+        (200, format!("<DescribeNetworkInterfacesResponse xmlns=\"{NS}\"><networkInterfaceSet>{items}</networkInterfaceSet>{next}</DescribeNetworkInterfacesResponse>"))
+    }
+
+    fn error(status: u16, code: &str) -> (u16, String) {
+        (status, format!("<Response><Errors><Error><Code>{code}</Code><Message>m</Message></Error></Errors><RequestID>r</RequestID></Response>"))
+    }
+
+    /// Serves `answers` in order, one per connection; returns the URL and a
+    /// handle yielding the request bodies received.
+    async fn serve(answers: Vec<(u16, String)>) -> (String, tokio::task::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let mut bodies = Vec::new();
+            for (status, body) in answers {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let request = loop {
+                    let n = s.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "client closed early");
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len: usize = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break text;
+                        }
+                    }
+                };
+                assert!(request.starts_with("POST / HTTP/1.1\r\n"), "{request}");
+                assert!(
+                    request
+                        .to_ascii_lowercase()
+                        .contains("authorization: aws4-hmac-sha256 credential=akid/"),
+                    "{request}"
+                );
+                bodies.push(request.split("\r\n\r\n").nth(1).unwrap().to_string());
+                let reply = format!("HTTP/1.1 {status} X\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                s.write_all(reply.as_bytes()).await.unwrap();
+                s.shutdown().await.ok();
+            }
+            bodies
+        });
+        (url, task)
+    }
+
+    fn ec2(url: &str) -> Ec2 {
+        let creds = Credentials::new("AKID", "secret", None, None, "test");
+        Ec2 {
+            http: Client::builder(TokioExecutor::new()).build(https()),
+            endpoint: request::endpoint("us-east-1", Some(url)),
+            region: "us-east-1".into(),
+            default: Creds::new(Some(SharedCredentialsProvider::new(creds))),
+            by_account: HashMap::new(),
+        }
+    }
+
+    fn group() -> GroupKey {
+        GroupKey {
+            account: "123456789012".into(),
+            id: "sg-0a1b2c3d".into(),
+        }
+    }
+
+    fn nets(v: &[&str]) -> Vec<IpNet> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn pages_are_followed_and_a_transient_error_retried() {
+        let (url, server) = serve(vec![
+            page(&["10.0.0.2", "10.0.0.1"], Some("t/2+=")),
+            error(503, "Unavailable"),
+            page(&["10.0.0.3", "10.0.0.1"], None),
+        ])
+        .await;
+        let got = ec2(&url).members(&group()).await.unwrap();
+        assert_eq!(got, nets(&["10.0.0.1/32", "10.0.0.2/32", "10.0.0.3/32"]));
+        let bodies = server.await.unwrap();
+        assert_eq!(bodies.len(), 3);
+        assert!(!bodies[0].contains("NextToken"), "{}", bodies[0]);
+        assert!(
+            bodies[1].ends_with("NextToken=t%2F2%2B%3D"),
+            "{}",
+            bodies[1]
+        );
+        assert_eq!(bodies[1], bodies[2], "the retry asks for the same page");
+    }
+
+    #[tokio::test]
+    async fn a_refused_request_is_not_retried_and_fails_the_group() {
+        let (url, server) = serve(vec![
+            page(&["10.0.0.1"], Some("p2")),
+            error(403, "UnauthorizedOperation"),
+        ])
+        .await;
+        let e = ec2(&url).members(&group()).await.unwrap_err();
+        assert!(e.contains("HTTP 403: UnauthorizedOperation"), "{e}");
+        assert_eq!(server.await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_page_failing_every_attempt_fails_the_group() {
+        let (url, server) = serve(vec![
+            page(&["10.0.0.1"], Some("p2")),
+            error(500, "InternalError"),
+            error(500, "InternalError"),
+            error(500, "InternalError"),
+        ])
+        .await;
+        let e = ec2(&url).members(&group()).await.unwrap_err();
+        assert!(e.contains("HTTP 500: InternalError"), "{e}");
+        assert_eq!(server.await.unwrap().len(), 1 + ATTEMPTS as usize);
+    }
+
+    #[tokio::test]
+    async fn a_repeated_token_is_an_error_not_a_loop() {
+        let (url, _server) = serve(vec![
+            page(&["10.0.0.1"], Some("same")),
+            page(&["10.0.0.2"], Some("same")),
+        ])
+        .await;
+        let e = ec2(&url).members(&group()).await.unwrap_err();
+        assert!(e.contains("same NextToken twice"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_endpoint_is_an_error_naming_it() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let url = format!("http://127.0.0.1:{port}");
+        let e = ec2(&url).members(&group()).await.unwrap_err();
+        assert!(
+            e.contains("could not reach EC2 at http://127.0.0.1:"),
+            "{e}"
+        );
+    }
+}
