@@ -27,3 +27,4 @@ pub mod snapshot;
 pub mod state;
 pub mod systemd;
 pub mod tls;
+pub mod watch;

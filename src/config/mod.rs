@@ -3,13 +3,16 @@
 //! `moat explain` and reloads all go through [`load`].
 
 mod diag;
+pub mod files;
 mod groups;
+mod listen;
 mod raw;
 mod schema;
 mod validate;
 pub mod values;
 
 pub use diag::{ConfigError, Diagnostic, Severity};
+pub use listen::bind_conflict;
 pub use validate::{fingerprint, load, load_bytes};
 
 use ipnet::IpNet;
