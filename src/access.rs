@@ -209,6 +209,15 @@ pub enum KeyRef {
     Group(String),
 }
 
+impl fmt::Display for KeyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyRef::Cidr(n) => write!(f, "{n}"),
+            KeyRef::Group(g) => f.write_str(g),
+        }
+    }
+}
+
 impl KeyRef {
     pub fn matches(&self, key: &EntryKey) -> bool {
         match (self, key) {
@@ -221,8 +230,9 @@ impl KeyRef {
 
 /// An RFC 3339 instant.
 pub fn parse_instant(text: &str) -> Result<SystemTime, String> {
-    crate::config::values::parse_expires(&toml::Value::String(text.to_string()))
-        .map_err(|_| format!("\"{text}\" is not an RFC 3339 timestamp; write it like \"2026-12-31T00:00:00Z\""))
+    crate::config::values::parse_expires(&toml::Value::String(text.to_string())).map_err(|_| {
+        format!("\"{text}\" is not an RFC 3339 timestamp; write it like \"2026-12-31T00:00:00Z\"")
+    })
 }
 
 /// RFC 3339 in UTC, whole seconds (`2026-12-31T00:00:00Z`).

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub group_refreshes: IntCounterVec,
     pub last_reload_successful: IntGauge,
     pub last_reload_success_timestamp: Gauge,
+    /// Access-list API requests by route template, method and status code.
+    pub api_requests: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -161,6 +163,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
                 "When the config was last loaded successfully.",
             )
             .unwrap(),
+        ),
+        api_requests: counter(
+            "moat_api_requests_total",
+            "Access-list API requests by route template, method and status code.",
+            &["route", "method", "code"],
         ),
         registry: r,
     }

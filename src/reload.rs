@@ -13,10 +13,10 @@
 
 use crate::config::{self, Config, ConfigError};
 use crate::listener::Listeners;
-use crate::metrics::{metrics, DeploymentMetrics};
+use crate::metrics::metrics;
 use crate::snapshot::{GroupMembers, Snapshot};
 use crate::state::{DeploymentState, Live, Shared};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -25,22 +25,22 @@ use tokio::sync::{mpsc, oneshot};
 /// Longest a reload may spend reading and validating files (SPEC 3.9).
 pub const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Builds a generation, reusing the runtime state of deployments that stay.
+/// Builds a generation. A deployment keeps its runtime state (counts,
+/// metrics) for as long as it is listed or still has connections open, so
+/// removing and re-adding it never resets its counts.
 pub fn build_live(snap: Snapshot, old: &[Arc<DeploymentState>]) -> Live {
-    let by_name: HashMap<&str, &Arc<DeploymentState>> = old.iter().map(|s| (&*s.name, s)).collect();
     let deployments: Vec<Arc<DeploymentState>> = snap
         .config
         .deployments
         .iter()
-        .map(|d| {
-            by_name
-                .get(d.name.as_str())
-                .map_or_else(|| Arc::new(DeploymentState::new(&d.name)), |s| (*s).clone())
-        })
+        .map(|d| DeploymentState::for_name(&d.name))
         .collect();
+    let m = metrics();
     for s in old {
         if !deployments.iter().any(|n| n.name == s.name) {
-            DeploymentMetrics::remove(&s.name);
+            // Configuration gauges go now; traffic series go with the state.
+            let _ = m.rules.remove_label_values(&[&s.name]);
+            let _ = m.cert_expiry.remove_label_values(&[&s.name]);
         }
     }
     Live { snap, deployments }

@@ -2,6 +2,7 @@
 //! every problem of the files with its place. Start-up, `moat check`,
 //! `moat explain` and reloads all go through [`load`].
 
+pub mod api;
 mod diag;
 pub mod files;
 mod groups;
@@ -11,6 +12,7 @@ mod schema;
 mod validate;
 pub mod values;
 
+pub use api::{Api, ApiKey, Role};
 pub use diag::{ConfigError, Diagnostic, Severity};
 pub use listen::bind_conflict;
 pub use validate::{fingerprint, load, load_bytes};
@@ -29,6 +31,8 @@ pub struct Config {
     pub server: Server,
     pub limits: Limits,
     pub security_groups: SecurityGroups,
+    /// `[api]`: the access-list API, if configured.
+    pub api: Option<Api>,
     pub deployments: Vec<Deployment>,
     /// Each distinct listen address and the deployments served on it.
     pub listeners: Vec<ListenerSpec>,

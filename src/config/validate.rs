@@ -60,6 +60,10 @@ pub fn load_bytes(path: &Path, bytes: &[u8], now: SystemTime) -> Result<Config, 
     let admin = raw.server.as_ref().and_then(|s| s.admin_listen.as_ref());
     let admin = server.admin_listen.zip(admin);
     v.listen_conflicts(&raw.deployment, &deployments, &listeners, admin);
+    let api = raw.api.as_ref().and_then(|a| {
+        let names: Vec<&str> = deployments.iter().map(|d| d.name.as_str()).collect();
+        v.api(a, &names)
+    });
     if raw.deployment.is_empty() && report.errors.is_empty() {
         // Also what a truncated file looks like: never take every listener down for it.
         report.error(&src, 0..0, "the config defines no [[deployment]]; moat would serve nothing (add one, see config/moat.toml)");
@@ -72,6 +76,7 @@ pub fn load_bytes(path: &Path, bytes: &[u8], now: SystemTime) -> Result<Config, 
             server,
             limits,
             security_groups,
+            api,
             deployments,
             listeners,
             files,
