@@ -532,7 +532,13 @@ pub async fn expire_rules(shared: Arc<Shared>, reloads: Reloads) {
         });
         tokio::select! {
             _ = async { match wait { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {
-                reloads.recompile(None, "rule expired").await;
+                // Not published (shutdown began): wait for a new generation
+                // rather than retrying the past instant every few ms.
+                if !reloads.recompile(None, "rule expired").await
+                    && generation.changed().await.is_err()
+                {
+                    return;
+                }
             }
             r = generation.changed() => if r.is_err() { return },
         }
