@@ -236,15 +236,28 @@ mod tests {
                 if (a, av6) == (b, bv6) {
                     continue;
                 }
-                // A free port: bind the first socket on port 0, reuse its port.
-                let Ok(first) = crate::listener::bind(SocketAddr::new(a.parse().unwrap(), 0), av6)
-                else {
+                // A free port: bind the first socket on port 0, reuse its
+                // port. Another test's socket may hold that port for the
+                // second address: a refusal the model does not predict is
+                // retried on fresh ports before it counts.
+                let mut outcome = None;
+                for _ in 0..10 {
+                    let any = SocketAddr::new(a.parse().unwrap(), 0);
+                    let Ok(first) = crate::listener::bind(any, av6) else {
+                        continue;
+                    };
+                    let port = first.local_addr().unwrap().port();
+                    let aa = SocketAddr::new(a.parse().unwrap(), port);
+                    let bb = SocketAddr::new(b.parse().unwrap(), port);
+                    let refused = crate::listener::bind(bb, bv6).is_err();
+                    outcome = Some((aa, bb, refused));
+                    if refused == bind_conflict(aa, av6, bb, bv6) {
+                        break;
+                    }
+                }
+                let Some((aa, bb, refused)) = outcome else {
                     continue;
                 };
-                let port = first.local_addr().unwrap().port();
-                let aa = SocketAddr::new(a.parse().unwrap(), port);
-                let bb = SocketAddr::new(b.parse().unwrap(), port);
-                let refused = crate::listener::bind(bb, bv6).is_err();
                 assert_eq!(
                     bind_conflict(aa, av6, bb, bv6),
                     refused,
