@@ -29,3 +29,4 @@ pub mod snapshot;
 pub mod state;
 pub mod systemd;
 pub mod tls;
+pub mod watch;

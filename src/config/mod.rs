@@ -4,7 +4,9 @@
 
 pub mod api;
 mod diag;
+pub mod files;
 mod groups;
+mod listen;
 mod raw;
 mod schema;
 mod validate;
@@ -12,6 +14,7 @@ pub mod values;
 
 pub use api::{Api, ApiKey, Role};
 pub use diag::{ConfigError, Diagnostic, Severity};
+pub use listen::bind_conflict;
 pub use validate::{fingerprint, load, load_bytes};
 
 use ipnet::IpNet;
