@@ -557,3 +557,30 @@ def test_schemathesis_finds_nothing(api, tmp_path):
     assert p.returncode == 0, p.stdout[-20000:] + p.stderr[-5000:]
     assert a.m.running()
     assert "panicked" not in a.m.stderr_text()
+
+
+# --------------------------------------------------------------------------- README
+
+
+def test_readme_curl_examples_work(api, tmp_path):
+    """The README's curl block, run as written against a live API."""
+    assert shutil.which("curl"), "curl is needed (test.sh installs it)"
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Access-list API"):readme.index("## Tests and fuzzing")]
+    block = next(b for b in section.split("```sh\n")[1:] if b.startswith("# every deployment"))
+    block = block[:block.index("```")]
+    a = api()
+    (tmp_path / "moat.toml.new").write_text(read_config(a).replace('"127.0.0.2"', '"198.51.100.0/24"'))
+    env = {**os.environ, "API": a.base, "KEY": WRITE, "CA": str(a.ca.cert_path)}
+    p = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    assert '"totalCount":3' in out                      # GET /deployments
+    assert "etag:" in out.lower()                       # GET accessList -i
+    assert '"status":"ACTIVE"' in out                   # status after the add
+    assert '"valid":true' in out and "198.51.100.0/24" in out   # plan
+    assert '"openapi":"3.1.0"' in out.replace(" ", "")
+    entries = {e.get("cidrBlock") or e.get("awsSecurityGroup") for e in a.entries("orders")}
+    # Added then removed; the If-Match example's made-up tag was refused (412); billing copied.
+    assert entries == {"127.0.0.2/32", "192.0.2.0/24"}, entries
