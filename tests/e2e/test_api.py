@@ -228,6 +228,8 @@ def test_every_route(api):
 
     r = a.call("GET", "/nope")
     assert r.status_code == 404 and r.json()["error"]
+    r = a.call("PUT", "/deployments")  # unmatched routes are 404, whatever matched the path
+    assert r.status_code == 404 and r.json()["detail"] == ["method: this path takes GET"]
     m = a.m.metrics()
     assert moatlib.metric(m, "moat_api_requests_total", route="/api/v1/deployments/{name}/accessList/{entry}",
                           method="DELETE", code="204") == 2
