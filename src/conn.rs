@@ -454,6 +454,7 @@ mod tests {
         let snap = crate::snapshot::Snapshot::compile(
             std::sync::Arc::new(config),
             Default::default(),
+            Default::default(),
             now,
         );
         let shared = crate::state::Shared::new(crate::reload::build_live(snap, &[]));

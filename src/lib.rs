@@ -12,6 +12,7 @@ pub mod conn;
 pub mod daemon;
 #[cfg(feature = "aws")]
 pub mod ec2;
+pub mod fleet;
 pub mod forward;
 pub mod groups;
 pub mod listener;

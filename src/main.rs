@@ -98,6 +98,7 @@ fn summary(c: &Config) -> String {
     let snap = Snapshot::compile(
         Arc::new(clone_for_summary(c)),
         Arc::default(),
+        Arc::default(),
         SystemTime::now(),
     );
     let mut out = String::new();
@@ -153,6 +154,7 @@ fn clone_for_summary(c: &Config) -> Config {
         server: c.server.clone(),
         limits: c.limits.clone(),
         security_groups: c.security_groups.clone(),
+        store: c.store.clone(),
         deployments: c.deployments.clone(),
         listeners: c.listeners.clone(),
         files: c.files.clone(),
@@ -212,7 +214,12 @@ fn explain(path: &std::path::Path, deployment: &str, ip: &str) -> i32 {
     };
     let ip = moat::addr::canonical(ip);
     let resolved = Arc::new(resolve_groups(&config));
-    let snap = Snapshot::compile(Arc::new(config), resolved, SystemTime::now());
+    let snap = Snapshot::compile(
+        Arc::new(config),
+        resolved,
+        Arc::default(),
+        SystemTime::now(),
+    );
     let Some(index) = snap.deployment_index(deployment) else {
         let names: Vec<&str> = snap
             .config

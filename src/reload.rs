@@ -6,7 +6,7 @@
 use crate::config::{self, Config};
 use crate::listener::Listeners;
 use crate::metrics::{metrics, DeploymentMetrics};
-use crate::snapshot::{GroupMembers, Snapshot};
+use crate::snapshot::{GroupMembers, Snapshot, StoreEntries};
 use crate::state::{DeploymentState, Live, Shared};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -176,7 +176,13 @@ impl Reloader {
             }
             None => GroupMembers::new(),
         };
-        let snap = Snapshot::compile(Arc::new(cfg), Arc::new(resolved), SystemTime::now());
+        // Fleet-store entries carry over while a store is configured (its
+        // task resyncs when the settings change).
+        let store = match cfg.store {
+            Some(_) => current.snap.store.clone(),
+            None => Arc::default(),
+        };
+        let snap = Snapshot::compile(Arc::new(cfg), Arc::new(resolved), store, SystemTime::now());
         let prepared = match self.listeners.prepare(&snap.config.listeners) {
             Ok(p) => p,
             Err(e) => {
@@ -215,11 +221,38 @@ impl Reloader {
         }
         let current = self.shared.live.load_full();
         let resolved = resolved.unwrap_or_else(|| current.snap.resolved.clone());
-        let snap = Snapshot::compile(current.snap.config.clone(), resolved, SystemTime::now());
+        let snap = Snapshot::compile(
+            current.snap.config.clone(),
+            resolved,
+            current.snap.store.clone(),
+            SystemTime::now(),
+        );
         let live = build_live(snap, &current.deployments);
         update_gauges(&live);
         self.shared.publish(live);
         tracing::info!(trigger = why, "rules recompiled");
+    }
+
+    /// Publishes the fleet store's entries (SPEC 7): the running config
+    /// compiled with them off the runtime threads, then one swap. Not a
+    /// config reload. Returns false after shutdown began.
+    pub async fn apply_store(&mut self, store: Arc<StoreEntries>) -> bool {
+        if self.stopped {
+            return false;
+        }
+        let current = self.shared.live.load_full();
+        let (config, resolved) = (current.snap.config.clone(), current.snap.resolved.clone());
+        let compiled = tokio::task::spawn_blocking(move || {
+            Snapshot::compile(config, resolved, store, SystemTime::now())
+        })
+        .await;
+        let Ok(snap) = compiled else {
+            return false;
+        };
+        let live = build_live(snap, &current.deployments);
+        update_gauges(&live);
+        self.shared.publish(live);
+        true
     }
 }
 

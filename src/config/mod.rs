@@ -6,10 +6,12 @@ mod diag;
 mod groups;
 mod raw;
 mod schema;
+mod store;
 mod validate;
 pub mod values;
 
 pub use diag::{ConfigError, Diagnostic, Severity};
+pub use store::{Secret, Store, StoreTls, DEFAULT_PREFIX};
 pub use validate::{fingerprint, load, load_bytes};
 
 use ipnet::IpNet;
@@ -26,6 +28,8 @@ pub struct Config {
     pub server: Server,
     pub limits: Limits,
     pub security_groups: SecurityGroups,
+    /// `[store] etcd`: the fleet store of access-list entries (SPEC 7).
+    pub store: Option<Store>,
     pub deployments: Vec<Deployment>,
     /// Each distinct listen address and the deployments served on it.
     pub listeners: Vec<ListenerSpec>,

@@ -55,7 +55,8 @@ pub fn load_bytes(path: &Path, bytes: &[u8], now: SystemTime) -> Result<Config, 
     let server = v.server(raw.server.as_ref());
     let limits = v.limits(raw.limits.as_ref(), &Limits::default(), true);
     let security_groups = v.security_groups(raw.security_groups.as_ref());
-    let deployments = v.deployments(&raw.deployment, &limits, &security_groups);
+    let store = v.store(raw.store.as_ref());
+    let deployments = v.deployments(&raw.deployment, &limits, &security_groups, store.is_some());
     let listeners = v.listeners(&raw.deployment, &deployments);
     if raw.deployment.is_empty() && report.errors.is_empty() {
         // Also what a truncated file looks like: never take every listener down for it.
@@ -69,6 +70,7 @@ pub fn load_bytes(path: &Path, bytes: &[u8], now: SystemTime) -> Result<Config, 
             server,
             limits,
             security_groups,
+            store,
             deployments,
             listeners,
             files,
@@ -316,6 +318,7 @@ impl Validator<'_> {
         raw: &[Spanned<RawDeployment>],
         global: &Limits,
         sg: &SecurityGroups,
+        store: bool,
     ) -> Vec<Deployment> {
         let mut seen: HashMap<&str, usize> = HashMap::new();
         let names: BTreeSet<&str> = raw
@@ -337,7 +340,8 @@ impl Validator<'_> {
             }
             out.push(self.deployment(r, global, sg, &names));
         }
-        if self.report.errors.is_empty() {
+        // With a fleet store, a deployment's rules may all live there.
+        if self.report.errors.is_empty() && !store {
             self.empty_rule_warnings(raw, &out);
         }
         out
@@ -661,13 +665,13 @@ impl Validator<'_> {
 }
 
 #[cfg(unix)]
-fn key_readable_by_others(path: &Path) -> bool {
+pub(super) fn key_readable_by_others(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     // Follow symlinks, as Kubernetes secret volumes are symlinks.
     std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
 }
 
 #[cfg(not(unix))]
-fn key_readable_by_others(_: &Path) -> bool {
+pub(super) fn key_readable_by_others(_: &Path) -> bool {
     false
 }
