@@ -130,6 +130,9 @@ fn summary(c: &Config) -> String {
             d.upstream
         );
     }
+    if let Some(s) = &c.store {
+        let _ = writeln!(out, "store: etcd {} prefix \"{}\" (entries are read by `moat run`; check does not contact etcd)", s.endpoints.join(", "), s.prefix);
+    }
     let _ = writeln!(out, "listeners: {}", c.listeners.len());
     for l in &c.listeners {
         let names: Vec<&str> = l

@@ -304,6 +304,7 @@ impl Sync {
                 m = stream.message() => m,
                 changed = self.settings_changed() => if changed { return Some(End::Settings) } else { continue },
             };
+            let arrived = Instant::now();
             let mut batch = Vec::new();
             let mut next = Some(first);
             while let Some(msg) = next.take() {
@@ -339,6 +340,11 @@ impl Sync {
             }
             if self.apply(&batch) {
                 self.publish().await;
+                tracing::debug!(
+                    revision = self.view.revision,
+                    elapsed_us = arrived.elapsed().as_micros() as u64,
+                    "fleet store change applied"
+                );
             }
         }
     }

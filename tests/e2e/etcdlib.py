@@ -214,6 +214,10 @@ class Relay:
 
     def cut(self):
         if self._listener is not None:
+            try:  # wakes the thread blocked in accept(), which close() alone does not
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._listener.close()
             self._listener = None
         with self._lock:
