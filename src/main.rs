@@ -217,10 +217,22 @@ fn explain(path: &std::path::Path, deployment: &str, ip: &str) -> i32 {
     };
     let ip = moat::addr::canonical(ip);
     let resolved = Arc::new(resolve_groups(&config));
+    // With a fleet store: the entries the daemon last applied (its cache).
+    let store = config
+        .store
+        .as_ref()
+        .and_then(|s| {
+            Some(
+                moat::fleet::cache::load(s.cache.as_ref()?, &s.prefix)
+                    .ok()?
+                    .entries(),
+            )
+        })
+        .unwrap_or_default();
     let snap = Snapshot::compile(
         Arc::new(config),
         resolved,
-        Arc::default(),
+        Arc::new(store),
         SystemTime::now(),
     );
     let Some(index) = snap.deployment_index(deployment) else {

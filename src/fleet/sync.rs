@@ -172,9 +172,11 @@ pub async fn run(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>, initial: O
             }
             continue;
         };
+        // The watch resumes only against the same cluster and prefix; else
+        // a full read (the entries in force stay until it succeeds).
         let (view, need_read) = match initial.take() {
             Some(i) if i.store.prefix == store.prefix => {
-                let need = !i.read;
+                let need = !i.read || i.store.endpoints != store.endpoints;
                 (i.view, need)
             }
             _ => (View::new(&store.prefix), true),
