@@ -57,6 +57,23 @@ for component in rustfmt clippy; do
   fi
 done
 
+# ---------------------------------------------------------------- packaging tools
+# promtool (Debian's prometheus package) for deploy/prometheus, and cargo-deb
+# for the Debian package test (tests/e2e/test_deploy_files.py, test_deb_package.py).
+if ! command -v promtool >/dev/null 2>&1; then
+  step "installing: prometheus (for promtool)"
+  sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends prometheus \
+    || { "${sudo[@]}" apt-get update -q && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends prometheus; }
+  # only promtool is wanted: do not leave a Prometheus server running
+  "${sudo[@]}" systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
+if ! command -v cargo-deb >/dev/null 2>&1 && ! cargo deb --version >/dev/null 2>&1; then
+  step "cargo install cargo-deb"
+  cargo install --locked cargo-deb
+fi
+
 # ---------------------------------------------------------------- python venv
 req=tests/requirements.txt
 want=$( { python3 --version 2>&1; sha256sum "$req"; } | sha256sum | cut -d' ' -f1)

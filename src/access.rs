@@ -221,8 +221,9 @@ impl KeyRef {
 
 /// An RFC 3339 instant.
 pub fn parse_instant(text: &str) -> Result<SystemTime, String> {
-    crate::config::values::parse_expires(&toml::Value::String(text.to_string()))
-        .map_err(|_| format!("\"{text}\" is not an RFC 3339 timestamp; write it like \"2026-12-31T00:00:00Z\""))
+    crate::config::values::parse_expires(&toml::Value::String(text.to_string())).map_err(|_| {
+        format!("\"{text}\" is not an RFC 3339 timestamp; write it like \"2026-12-31T00:00:00Z\"")
+    })
 }
 
 /// RFC 3339 in UTC, whole seconds (`2026-12-31T00:00:00Z`).

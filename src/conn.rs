@@ -1,33 +1,48 @@
 //! One connection's way through moat, in two phases:
 //!
 //! ```text
-//! accept ─► PROXY header ─► admit(source) ─► limits ─► TLS (+ SNI route ─► admit again) ─► dial   │ forward ─► close
-//! └──────────────────────────── setup (this module, boxed: freed once done) ──────────────────────┘ └─ session.rs ─┘
+//! accept ─► limits ─► PROXY header ─► admit(source) ─► first bytes ─► TLS (+ SNI route ─► admit again) ─► admit again ─► dial │ forward ─► close
+//! └──────────────────────────────────── setup (this module, boxed: freed once done) ────────────────────────────────────────┘ └─ session.rs ─┘
 //! ```
 //!
-//! | stage        | bound               | exit on failure (outcome label, log level)            |
-//! |--------------|---------------------|-------------------------------------------------------|
-//! | PROXY header | `handshake_timeout` | reset; `proxy_protocol_error`, debug                  |
-//! | admit        | one table lookup    | reset before reading; `denied`, info (rate-limited)   |
-//! | limits       | atomic counters     | reset; `limited`, info (rate-limited)                 |
-//! | TLS          | `handshake_timeout` | close; `tls_error`, debug                             |
-//! | dial         | `connect_timeout`   | close; `upstream_error`, warn                         |
+//! | stage        | bound                          | failure: outcome label, log level                     |
+//! |--------------|--------------------------------|-------------------------------------------------------|
+//! | limits       | atomic counters, from accept   | reset; `limited`, info (rate-limited)                 |
+//! | PROXY header | the set-up deadline            | reset; `proxy_protocol_error`, debug                  |
+//! | admit        | one table lookup, before reading | reset; `denied`, info (rate-limited)                |
+//! | first bytes  | the set-up deadline            | close; `tls_error`, debug                             |
+//! | TLS          | the set-up deadline            | close; `tls_error`, debug                             |
+//! | admit again  | one lookup, rules in force now | close; `denied`, info (rate-limited)                  |
+//! | dial         | `connect_timeout`              | close; `upstream_error`, warn (rate-limited)          |
 //! | forward      | `idle_timeout`, revocation, shutdown grace | `allowed` counted at dial; one info line at the end |
 //!
-//! The setup phase runs in its own heap allocation so that the long-lived
-//! task of an idle connection holds only the forwarding state.
+//! The set-up deadline is `handshake_timeout` after accept: it bounds every
+//! stage before the dial together, not each on its own. The connection's
+//! slot (global and per-source limits) is taken at accept and travels with
+//! it; a stage that waits for bytes holds it. Waiting reads into a small
+//! buffer that is replayed afterwards (no peeking in a loop), so a waiting
+//! connection costs no CPU and one whose client left ends at once.
+//!
+//! Every way out of set-up is a [`SetupError`], counted and logged in one
+//! place ([`report`]). The set-up state lives in its own heap allocation so
+//! that the long-lived task of an idle connection holds only the forwarding
+//! state.
 
-use crate::admission::{admit, Permit};
+use crate::addr::canonical;
+use crate::admission::{admit, readmit, Permit};
 use crate::classify::{classify, FirstBytes};
 use crate::config::TlsMode;
 use crate::metrics::Outcome;
 use crate::proxy_header::{self, Origin, Prefix};
+use crate::registry::NewConn;
+use crate::rewind::Rewind;
 use crate::session::{Client, Session};
 use crate::state::{DeploymentState, Live, Shared, Slot};
-use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -41,9 +56,120 @@ pub enum Phase {
     Closing,
 }
 
+/// Bytes read to classify a connection: a PROXY v2 signature is the longest.
+const FIRST_BYTES: usize = 12;
+
+/// Why set-up ended without a session. Each maps to exactly one outcome
+/// and one log line, in [`report`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetupError {
+    Denied(String),
+    Limited,
+    ProxyProtocol(String),
+    Tls(String),
+    Upstream(String),
+}
+
+impl SetupError {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            SetupError::Denied(_) => Outcome::Denied,
+            SetupError::Limited => Outcome::Limited,
+            SetupError::ProxyProtocol(_) => Outcome::ProxyProtocolError,
+            SetupError::Tls(_) => Outcome::TlsError,
+            SetupError::Upstream(_) => Outcome::UpstreamError,
+        }
+    }
+}
+
+/// The set-up stages that wait for the client: what a deadline that passes
+/// inside one of them means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Admission = 0,
+    ProxyHeader = 1,
+    FirstBytes = 2,
+    Tls = 3,
+}
+
+impl Stage {
+    fn timed_out(self) -> SetupError {
+        match self {
+            Stage::ProxyHeader => SetupError::ProxyProtocol(
+                "no complete PROXY protocol header within handshake_timeout".into(),
+            ),
+            Stage::Admission | Stage::FirstBytes | Stage::Tls => {
+                SetupError::Tls("set-up not complete within handshake_timeout".into())
+            }
+        }
+    }
+
+    /// The client closed while this stage waited for it.
+    fn gone(self) -> SetupError {
+        match self {
+            Stage::ProxyHeader => {
+                SetupError::ProxyProtocol("the connection closed before its first bytes".into())
+            }
+            _ => SetupError::Tls("the client closed before the handshake".into()),
+        }
+    }
+}
+
+/// What set-up has learnt so far; read when its deadline passes.
+struct Progress {
+    stage: StageCell<Stage>,
+    /// The deployment whose counters a failure is charged to.
+    deployment: AtomicUsize,
+    source: Mutex<IpAddr>,
+}
+
+impl Progress {
+    fn source(&self) -> IpAddr {
+        *self.source.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_source(&self, ip: IpAddr) {
+        *self.source.lock().unwrap_or_else(|p| p.into_inner()) = ip;
+    }
+}
+
+/// A `Stage` that the set-up future and its deadline both see.
+struct StageCell<T>(AtomicU8, std::marker::PhantomData<T>);
+
+impl StageCell<Stage> {
+    fn new(s: Stage) -> Self {
+        StageCell(AtomicU8::new(s as u8), std::marker::PhantomData)
+    }
+
+    fn set(&self, s: Stage) {
+        self.0.store(s as u8, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Stage {
+        match self.0.load(Ordering::Relaxed) {
+            1 => Stage::ProxyHeader,
+            2 => Stage::FirstBytes,
+            3 => Stage::Tls,
+            _ => Stage::Admission,
+        }
+    }
+}
+
+/// An admitted connection, ready to dial.
+struct Ready {
+    client: Client,
+    /// Plaintext bytes read during set-up, to send upstream first.
+    prefix: Vec<u8>,
+    permit: Permit,
+    slot: Slot,
+    tls: bool,
+    sni: Option<String>,
+}
+
 /// Handles one accepted connection on the listener bound to `listen`.
 pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, listen: SocketAddr) {
-    if let Some(session) = Box::pin(setup(shared, stream, peer, listen)).await {
+    let accepted = Instant::now();
+    if let Some(session) = Box::pin(setup(shared, stream, peer, listen, accepted)).await {
         session.run().await;
     }
 }
@@ -54,14 +180,20 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
+/// Resets `stream` and returns `error`: a refusal never reads a byte.
+fn refuse(stream: TcpStream, error: SetupError) -> SetupError {
+    reset(stream);
+    error
+}
+
 /// Everything up to a dialled upstream; None when the connection ended.
 async fn setup(
     shared: Arc<Shared>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     listen: SocketAddr,
+    accepted: Instant,
 ) -> Option<Session> {
-    let started = Instant::now();
     let live = shared.live.load_full();
     let Some(listener) = live
         .snap
@@ -73,395 +205,363 @@ async fn setup(
         reset(stream); // the listener is being removed
         return None;
     };
-    let deps = &live.snap.config.listeners[listener].deployments;
-    let first = deps[0];
-    let first_state = &live.deployments[first];
-    let peer_ip = crate::addr::canonical(peer.ip());
-    let handshake_timeout = live.snap.config.deployments[first].limits.handshake_timeout;
-
-    // PROXY protocol: believed only from trusted peers.
-    let mut source = peer_ip;
-    let mut check_untrusted_header = false;
-    if let Some(trusted) = &live.snap.compiled[first].trusted {
-        if trusted.lookup(peer_ip).is_some() {
-            match timeout(handshake_timeout, proxy_header::read(&mut stream)).await {
-                Ok(Ok(Origin::Client(ip))) => source = crate::addr::canonical(ip),
-                Ok(Ok(Origin::Local)) => {}
-                Ok(Err(e)) => return proxy_error(first_state, stream, peer_ip, &e.to_string()),
-                Err(_) => {
-                    return proxy_error(
-                        first_state,
-                        stream,
-                        peer_ip,
-                        "no PROXY protocol header within handshake_timeout",
-                    )
-                }
-            }
-        } else {
-            check_untrusted_header = true;
-        }
-    }
-
-    // Admission before anything else is read or any byte goes upstream.
-    let permit = if deps.len() == 1 {
-        match admit(&live.snap, first, source) {
-            Ok(p) => Some(p),
-            Err(d) => {
-                return refuse(
-                    &shared,
-                    first_state,
-                    stream,
-                    source,
-                    Outcome::Denied,
-                    &d.to_string(),
-                )
-            }
-        }
-    } else {
-        if !deps.iter().any(|&d| admit(&live.snap, d, source).is_ok()) {
-            let why = "no rule of any deployment on this address matches";
-            return refuse(&shared, first_state, stream, source, Outcome::Denied, why);
-        }
-        None
+    let first = live.snap.config.listeners[listener].deployments[0];
+    let peer = canonical(peer.ip());
+    let progress = Progress {
+        stage: StageCell::new(Stage::Admission),
+        deployment: AtomicUsize::new(first),
+        source: Mutex::new(peer),
     };
-
-    if check_untrusted_header {
-        match timeout(handshake_timeout, peek_header(&stream)).await {
-            Ok(Ok(Prefix::NotHeader)) => {}
-            Ok(Ok(_)) => {
-                return proxy_error(
-                    first_state,
-                    stream,
-                    source,
-                    "PROXY protocol header from an untrusted peer",
-                )
-            }
-            Ok(Err(_)) => return None,
-            Err(_) => {
-                return proxy_error(
-                    first_state,
-                    stream,
-                    source,
-                    "nothing received within handshake_timeout",
-                )
-            }
-        }
-    }
-
+    let deadline = accepted + live.snap.config.deployments[first].limits.handshake_timeout;
     let setup = Setup {
-        shared: shared.clone(),
-        live: live.clone(),
-        source,
-        started,
-        handshake_timeout,
+        shared: &shared,
+        live: &live,
+        listener,
+        peer,
+        progress: &progress,
     };
-    match permit {
-        Some(p) => setup.single(stream, p).await,
-        None => Box::pin(setup.routed(stream, listener)).await,
+    let result = match tokio::time::timeout_at(deadline.into(), setup.establish(stream)).await {
+        Ok(Ok(ready)) => setup.dial(ready).await,
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(progress.stage.get().timed_out()),
+    };
+    match result {
+        Ok(session) => Some(session),
+        Err(e) => {
+            let state = &live.deployments[progress.deployment.load(Ordering::Relaxed)];
+            report(&shared, state, progress.source(), &e);
+            None
+        }
     }
 }
 
-struct Setup {
-    shared: Arc<Shared>,
-    live: Arc<Live>,
-    source: IpAddr,
-    started: Instant,
-    handshake_timeout: Duration,
+struct Setup<'a> {
+    shared: &'a Arc<Shared>,
+    live: &'a Arc<Live>,
+    listener: usize,
+    peer: IpAddr,
+    progress: &'a Progress,
 }
 
-impl Setup {
-    /// One deployment on this address.
-    async fn single(self, stream: TcpStream, permit: Permit) -> Option<Session> {
-        let dep = permit.deployment();
-        let state = self.live.deployments[dep].clone();
-        let Some(slot) = self.shared.acquire(&self.live, dep, self.source) else {
-            return refuse(
-                &self.shared,
-                &state,
-                stream,
-                self.source,
-                Outcome::Limited,
-                "connection limit reached",
-            );
-        };
-        match self.live.snap.config.deployments[dep].tls.clone() {
-            None => self.connect(Client::Plain(stream), permit, slot).await,
-            // Boxed: TLS state is large, and a plaintext setup need not carry it.
-            Some(tls) => Box::pin(self.terminate(stream, permit, slot, tls)).await,
+impl Setup<'_> {
+    fn deployments(&self) -> &[usize] {
+        &self.live.snap.config.listeners[self.listener].deployments
+    }
+
+    /// Admission of `source`: a `Permit` when one deployment listens here;
+    /// with several, whether any of them admits it (SNI decides later).
+    fn admit(&self, source: IpAddr) -> Result<Option<Permit>, SetupError> {
+        let deps = self.deployments();
+        if let [only] = deps {
+            return admit(&self.live.snap, *only, source)
+                .map(Some)
+                .map_err(|d| SetupError::Denied(d.to_string()));
+        }
+        if deps
+            .iter()
+            .any(|&d| admit(&self.live.snap, d, source).is_ok())
+        {
+            Ok(None)
+        } else {
+            Err(SetupError::Denied(
+                "no rule of any deployment on this address matches".into(),
+            ))
         }
     }
 
-    /// `[deployment.tls]`: the handshake, or in `allow` mode plaintext when
-    /// the first bytes are not TLS.
-    async fn terminate(
-        self,
-        stream: TcpStream,
-        permit: Permit,
-        slot: Slot,
-        tls: crate::config::Tls,
-    ) -> Option<Session> {
-        let state = slot.state.clone();
-        let is_tls = match tls.mode {
-            TlsMode::Require => true,
-            TlsMode::Allow => match timeout(self.handshake_timeout, first_bytes(&stream)).await {
-                Ok(Ok(kind)) => kind == FirstBytes::Tls,
-                Ok(Err(_)) => return None, // closed before sending anything
-                Err(_) => {
-                    reset(stream);
-                    return tls_failed(
-                        &state,
-                        self.source,
-                        "nothing received within handshake_timeout",
-                    );
-                }
-            },
-        };
-        if !is_tls {
-            return self.connect(Client::Plain(stream), permit, slot).await;
-        }
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
-        let limit = self.handshake_timeout;
-        self.finish_tls(acceptor.accept(stream), limit, Instant::now(), permit, slot)
-            .await
+    fn acquire(&self, dep: usize, source: IpAddr) -> Result<Slot, SetupError> {
+        self.shared
+            .acquire(self.live, dep, source)
+            .ok_or(SetupError::Limited)
     }
 
-    /// Completes a TLS handshake within `limit`, then dials the upstream.
-    async fn finish_tls<F>(
-        self,
-        handshake: F,
-        limit: Duration,
-        start: Instant,
-        permit: Permit,
-        slot: Slot,
-    ) -> Option<Session>
-    where
-        F: std::future::Future<Output = io::Result<tokio_rustls::server::TlsStream<TcpStream>>>,
-    {
-        let state = slot.state.clone();
-        match timeout(limit, handshake).await {
-            Ok(Ok(s)) => {
-                state
-                    .metrics
-                    .tls_handshake
-                    .observe(start.elapsed().as_secs_f64());
-                self.connect(Client::Tls(Box::new(s)), permit, slot).await
+    /// Everything before the dial, under the set-up deadline.
+    async fn establish(&self, mut stream: TcpStream) -> Result<Ready, SetupError> {
+        let p = self.progress;
+        let first = self.deployments()[0];
+        let trusted = self.live.snap.compiled[first]
+            .trusted
+            .as_ref()
+            .map(|t| t.lookup(self.peer).is_some());
+        let mut prefix = Vec::new();
+        let (permit, slot, source) = if trusted == Some(true) {
+            // The balancer's connection counts against the balancer until
+            // its header names the client.
+            let mut slot = match self.acquire(first, self.peer) {
+                Ok(s) => s,
+                Err(e) => return Err(refuse(stream, e)),
+            };
+            p.stage.set(Stage::ProxyHeader);
+            let source = match proxy_header::read(&mut stream).await {
+                Ok(Origin::Client(ip)) => canonical(ip),
+                Ok(Origin::Local) => self.peer,
+                Err(e) => return Err(refuse(stream, SetupError::ProxyProtocol(e.to_string()))),
+            };
+            p.set_source(source);
+            p.stage.set(Stage::Admission);
+            let permit = match self.admit(source) {
+                Ok(p) => p,
+                Err(e) => return Err(refuse(stream, e)),
+            };
+            if !slot.move_to(self.live, first, source) {
+                return Err(refuse(stream, SetupError::Limited));
             }
-            Ok(Err(e)) => tls_failed(&state, self.source, &e.to_string()),
-            Err(_) => tls_failed(
-                &state,
-                self.source,
-                "no TLS handshake within handshake_timeout",
-            ),
+            (permit, slot, source)
+        } else {
+            // Admission before anything is read.
+            let permit = match self.admit(self.peer) {
+                Ok(p) => p,
+                Err(e) => return Err(refuse(stream, e)),
+            };
+            let slot = match self.acquire(first, self.peer) {
+                Ok(s) => s,
+                Err(e) => return Err(refuse(stream, e)),
+            };
+            if trusted == Some(false) {
+                // A header is never believed from an untrusted peer.
+                p.stage.set(Stage::ProxyHeader);
+                read_first(&mut stream, &mut prefix, Stage::ProxyHeader, |b| {
+                    proxy_header::prefix(b) != Prefix::Undecided
+                })
+                .await?;
+                if proxy_header::prefix(&prefix) == Prefix::Header {
+                    return Err(refuse(
+                        stream,
+                        SetupError::ProxyProtocol(
+                            "PROXY protocol header from an untrusted peer".into(),
+                        ),
+                    ));
+                }
+            }
+            (permit, slot, self.peer)
+        };
+        let Some(permit) = permit else {
+            return Box::pin(self.routed(stream, prefix, slot, source)).await;
+        };
+        let tls = &self.live.snap.config.deployments[first].tls;
+        let Some(tls) = tls else {
+            return Ok(Ready {
+                client: Client::Plain(stream),
+                prefix,
+                permit,
+                slot,
+                tls: false,
+                sni: None,
+            });
+        };
+        if tls.mode == TlsMode::Allow {
+            p.stage.set(Stage::FirstBytes);
+            read_first(&mut stream, &mut prefix, Stage::FirstBytes, |b| {
+                classify(b) != FirstBytes::Undecided
+            })
+            .await?;
+            if classify(&prefix) != FirstBytes::Tls {
+                return Ok(Ready {
+                    client: Client::Plain(stream),
+                    prefix,
+                    permit,
+                    slot,
+                    tls: false,
+                    sni: None,
+                });
+            }
         }
+        p.stage.set(Stage::Tls);
+        let start = Instant::now();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+        let client = acceptor
+            .accept(Rewind::new(&prefix, stream))
+            .await
+            .map_err(|e| SetupError::Tls(e.to_string()))?;
+        slot.state
+            .metrics
+            .tls_handshake
+            .observe(start.elapsed().as_secs_f64());
+        let sni = client.get_ref().1.server_name().map(str::to_owned);
+        Ok(Ready {
+            client: Client::Tls(Box::new(client)),
+            prefix: Vec::new(),
+            permit,
+            slot,
+            tls: true,
+            sni,
+        })
     }
 
     /// Several deployments on this address: route by SNI, then admit again.
-    async fn routed(self, stream: TcpStream, listener: usize) -> Option<Session> {
-        let live = self.live.clone();
-        let deps = &live.snap.config.listeners[listener].deployments;
-        let first = &live.deployments[deps[0]];
+    async fn routed(
+        &self,
+        stream: TcpStream,
+        prefix: Vec<u8>,
+        mut slot: Slot,
+        source: IpAddr,
+    ) -> Result<Ready, SetupError> {
+        let p = self.progress;
+        p.stage.set(Stage::Tls);
         let start = Instant::now();
-        let acceptor =
-            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
-        let handshake = match timeout(self.handshake_timeout, acceptor).await {
-            Ok(Ok(h)) => h,
-            Ok(Err(e)) => return tls_failed(first, self.source, &e.to_string()),
-            Err(_) => {
-                return tls_failed(
-                    first,
-                    self.source,
-                    "no TLS ClientHello within handshake_timeout",
-                )
-            }
-        };
+        let acceptor = tokio_rustls::LazyConfigAcceptor::new(
+            rustls::server::Acceptor::default(),
+            Rewind::new(&prefix, stream),
+        );
+        let handshake = acceptor.await.map_err(|e| SetupError::Tls(e.to_string()))?;
         let sni = handshake
             .client_hello()
             .server_name()
             .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
-        let config = &live.snap.config;
+        let config = &self.live.snap.config;
         let chosen = sni.as_deref().and_then(|name| {
-            deps.iter()
+            self.deployments()
+                .iter()
                 .copied()
                 .find(|&d| config.deployments[d].server_names.iter().any(|n| n == name))
         });
         let Some(dep) = chosen else {
-            let why = match sni {
+            return Err(SetupError::Tls(match sni {
                 Some(n) => format!("unknown SNI name \"{n}\""),
                 None => "no SNI name in the ClientHello".to_string(),
-            };
-            return tls_failed(first, self.source, &why);
+            }));
         };
-        let state = &live.deployments[dep];
-        let permit = match admit(&live.snap, dep, self.source) {
-            Ok(p) => p,
-            Err(d) => {
-                state.metrics.count(Outcome::Denied);
-                log_refusal(
-                    &self.shared,
-                    state,
-                    self.source,
-                    Outcome::Denied,
-                    &d.to_string(),
-                );
-                return None;
-            }
+        p.deployment.store(dep, Ordering::Relaxed);
+        let permit =
+            admit(&self.live.snap, dep, source).map_err(|d| SetupError::Denied(d.to_string()))?;
+        if !slot.move_to(self.live, dep, source) {
+            return Err(SetupError::Limited);
+        }
+        let server = match &config.deployments[dep].tls {
+            Some(t) => t.server.clone(),
+            None => return Err(SetupError::Tls("deployment has no TLS".into())),
         };
-        let Some(slot) = self.shared.acquire(&live, dep, self.source) else {
-            state.metrics.count(Outcome::Limited);
-            log_refusal(
-                &self.shared,
-                state,
-                self.source,
-                Outcome::Limited,
-                "connection limit reached",
-            );
-            return None;
-        };
-        let server = config.deployments[dep].tls.as_ref()?.server.clone();
-        let limit = self.handshake_timeout.saturating_sub(start.elapsed());
-        self.finish_tls(handshake.into_stream(server), limit, start, permit, slot)
+        let client = handshake
+            .into_stream(server)
             .await
+            .map_err(|e| SetupError::Tls(e.to_string()))?;
+        slot.state
+            .metrics
+            .tls_handshake
+            .observe(start.elapsed().as_secs_f64());
+        Ok(Ready {
+            client: Client::Tls(Box::new(client)),
+            prefix: Vec::new(),
+            permit,
+            slot,
+            tls: true,
+            sni,
+        })
     }
 
-    /// Dials the upstream; only an admitted connection (a `Permit`) can.
-    async fn connect(self, client: Client, permit: Permit, slot: Slot) -> Option<Session> {
-        let d = &self.live.snap.config.deployments[permit.deployment()];
-        let state = &slot.state;
+    /// Admits again against the rules in force now, then dials the
+    /// upstream; only an admitted connection (a `Permit`) can.
+    async fn dial(&self, ready: Ready) -> Result<Session, SetupError> {
+        let dep = ready.permit.deployment();
+        let d = &self.live.snap.config.deployments[dep];
+        let state = &ready.slot.state;
+        let source = ready.permit.source();
+        // Revocation has no window: a change made during set-up counts.
+        if let Err(why) = readmit(&self.shared.live.load().snap, &d.name, source) {
+            return Err(SetupError::Denied(format!("{why} (revoked during set-up)")));
+        }
         let start = Instant::now();
-        let dial = async {
+        let connect = async {
             match d.upstream_addr {
                 Some(addr) => TcpStream::connect(addr).await,
                 None => TcpStream::connect(d.upstream.as_str()).await,
             }
         };
-        let result = timeout(d.limits.connect_timeout, dial).await;
+        let result = timeout(d.limits.connect_timeout, connect).await;
         state
             .metrics
             .upstream_connect
             .observe(start.elapsed().as_secs_f64());
-        let error = match result {
-            Ok(Ok(upstream)) => {
-                let _ = upstream.set_nodelay(true);
-                state.metrics.count(Outcome::Allowed);
-                return Some(Session {
-                    shared: self.shared,
-                    live: self.live,
-                    started: self.started,
-                    permit,
-                    slot,
-                    client,
-                    upstream,
-                });
+        let upstream = match result {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => return Err(SetupError::Upstream(format!("{}: {e}", d.upstream))),
+            Err(_) => {
+                return Err(SetupError::Upstream(format!(
+                    "{}: no answer within connect_timeout ({})",
+                    d.upstream,
+                    humantime::format_duration(d.limits.connect_timeout)
+                )))
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!(
-                "no answer within connect_timeout ({})",
-                humantime::format_duration(d.limits.connect_timeout)
-            ),
         };
-        state.metrics.count(Outcome::UpstreamError);
-        tracing::warn!(deployment = %state.name, source = %self.source, upstream = %d.upstream, error = %error, "upstream unreachable; client connection closed");
-        None
+        let _ = upstream.set_nodelay(true);
+        state.metrics.count(Outcome::Allowed);
+        let (description, cidr) = match ready.permit.rule(&self.live.snap) {
+            Some((description, net)) => (description.to_string(), net.to_string()),
+            None => ("shared plan".to_string(), String::new()),
+        };
+        let registration = self.shared.registry.register(NewConn {
+            deployment: state.name.clone(),
+            source,
+            description,
+            cidr,
+            tls: ready.tls,
+            sni: ready.sni,
+        });
+        Ok(Session {
+            shared: self.shared.clone(),
+            idle_timeout: d.limits.idle_timeout,
+            registration,
+            slot: ready.slot,
+            client: ready.client,
+            prefix: ready.prefix,
+            upstream,
+        })
     }
 }
 
-/// Waits for the first bytes and tells whether they start a PROXY header.
-async fn peek_header(stream: &TcpStream) -> io::Result<Prefix> {
-    let mut buf = [0u8; 12];
-    loop {
-        let n = stream.peek(&mut buf).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+/// Reads the connection's first bytes into `buf` until `decided` says they
+/// are enough (at most [`FIRST_BYTES`]). No polling: it sleeps in `read`.
+async fn read_first(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    stage: Stage,
+    decided: impl Fn(&[u8]) -> bool,
+) -> Result<(), SetupError> {
+    let mut chunk = [0u8; FIRST_BYTES];
+    while buf.is_empty() || !decided(buf) {
+        let room = FIRST_BYTES - buf.len();
+        if room == 0 {
+            break;
         }
-        match proxy_header::prefix(&buf[..n]) {
-            Prefix::Undecided => tokio::time::sleep(Duration::from_millis(5)).await,
-            decided => return Ok(decided),
-        }
-    }
-}
-
-/// Peeks until the first bytes tell TLS from plaintext.
-async fn first_bytes(stream: &TcpStream) -> io::Result<FirstBytes> {
-    let mut buf = [0u8; 12];
-    loop {
-        let n = stream.peek(&mut buf).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        match classify(&buf[..n]) {
-            FirstBytes::Undecided => tokio::time::sleep(Duration::from_millis(5)).await,
-            kind => return Ok(kind),
+        match stream.read(&mut chunk[..room]).await {
+            Ok(0) | Err(_) => return Err(stage.gone()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
+    Ok(())
 }
 
-fn log_refusal(
-    shared: &Shared,
-    state: &DeploymentState,
-    source: IpAddr,
-    outcome: Outcome,
-    reason: &str,
-) {
-    if state.refusals.allow(shared.now_ms()) {
-        tracing::info!(deployment = %state.name, source = %source, outcome = outcome.label(), reason, "connection refused");
-    }
-}
-
-fn refuse<T>(
-    shared: &Shared,
-    state: &DeploymentState,
-    stream: TcpStream,
-    source: IpAddr,
-    outcome: Outcome,
-    reason: &str,
-) -> Option<T> {
-    reset(stream);
+/// Counts and logs the end of a set-up that did not reach forwarding: the
+/// one place every set-up failure goes through.
+fn report(shared: &Shared, state: &DeploymentState, source: IpAddr, e: &SetupError) {
+    let outcome = e.outcome();
     state.metrics.count(outcome);
-    log_refusal(shared, state, source, outcome, reason);
-    None
-}
-
-fn proxy_error<T>(
-    state: &DeploymentState,
-    stream: TcpStream,
-    source: IpAddr,
-    reason: &str,
-) -> Option<T> {
-    reset(stream);
-    state.metrics.count(Outcome::ProxyProtocolError);
-    tracing::debug!(deployment = %state.name, peer = %source, reason, "PROXY protocol error; connection refused");
-    None
-}
-
-fn tls_failed<T>(state: &DeploymentState, source: IpAddr, reason: &str) -> Option<T> {
-    state.metrics.count(Outcome::TlsError);
-    tracing::debug!(deployment = %state.name, source = %source, reason, "TLS handshake failed; connection closed");
-    None
+    let name = &state.name;
+    let label = outcome.label();
+    match e {
+        SetupError::Denied(reason) => {
+            if state.refusals.allow(shared.now_ms()) {
+                tracing::info!(deployment = %name, source = %source, outcome = label, reason = %reason, "connection refused");
+            }
+        }
+        SetupError::Limited => {
+            if state.refusals.allow(shared.now_ms()) {
+                tracing::info!(deployment = %name, source = %source, outcome = label, reason = "connection limit reached", "connection refused");
+            }
+        }
+        SetupError::ProxyProtocol(reason) => {
+            tracing::debug!(deployment = %name, peer = %source, outcome = label, reason = %reason, "PROXY protocol error; connection refused")
+        }
+        SetupError::Tls(reason) => {
+            tracing::debug!(deployment = %name, source = %source, outcome = label, reason = %reason, "TLS set-up failed; connection closed")
+        }
+        SetupError::Upstream(reason) => {
+            if state.upstream_errors.allow(shared.now_ms()) {
+                tracing::warn!(deployment = %name, source = %source, outcome = label, error = %reason, "upstream unreachable; client connection closed");
+            }
+        }
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    /// Every connection's task is as large as this future for its whole
-    /// life: keep the long-lived (forwarding) state small. Setup and TLS
-    /// state live in their own boxes.
-    #[tokio::test]
-    async fn a_connection_task_stays_small() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let now = std::time::SystemTime::now();
-        let config = crate::config::load(std::path::Path::new("config/moat.toml"), now).unwrap();
-        let snap = crate::snapshot::Snapshot::compile(
-            std::sync::Arc::new(config),
-            Default::default(),
-            Default::default(),
-            now,
-        );
-        let shared = crate::state::Shared::new(crate::reload::build_live(snap, &[]));
-        let size = std::mem::size_of_val(&super::serve(shared, stream, addr, addr));
-        assert!(
-            size <= 3 * 1024,
-            "a connection's task state grew to {size} bytes"
-        );
-    }
-}
+mod tests;

@@ -4,7 +4,7 @@
 use crate::config::{self, Diagnostic};
 use crate::conn::Phase;
 use crate::listener::Listeners;
-use crate::reload::{self, Reloader};
+use crate::reload::{self, Reloader, Reloads};
 use crate::snapshot::Snapshot;
 use crate::state::Shared;
 use std::path::Path;
@@ -12,7 +12,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::Mutex;
 
 /// Runs the daemon; returns the process exit status.
 pub fn run(path: &Path) -> i32 {
@@ -101,24 +100,17 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
         "moat is ready"
     );
 
-    let reloader = Arc::new(Mutex::new(Reloader::new(
-        shared.clone(),
-        path.to_path_buf(),
-        listeners,
-    )));
-    tokio::spawn(reload::watch_files(shared.clone(), reloader.clone()));
-    tokio::spawn(reload::expire_rules(shared.clone(), reloader.clone()));
+    let reloads = Reloads::start(Reloader::new(shared.clone(), path.to_path_buf(), listeners));
+    crate::watch::spawn(shared.clone(), reloads.clone());
+    tokio::spawn(reload::expire_rules(shared.clone(), reloads.clone()));
     tokio::spawn(reload::summarise_refusals(shared.clone()));
-    tokio::spawn(crate::groups::refresh_loop(
-        shared.clone(),
-        reloader.clone(),
-    ));
-    tokio::spawn(crate::fleet::run(shared.clone(), reloader.clone(), store));
+    tokio::spawn(crate::groups::refresh_loop(shared.clone(), reloads.clone()));
+    tokio::spawn(crate::fleet::run(shared.clone(), reloads.clone(), store));
     {
-        let reloader = reloader.clone();
+        let reloads = reloads.clone();
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                reloader.lock().await.reload(true, "SIGHUP");
+                reloads.request(true, "SIGHUP");
             }
         });
     }
@@ -132,7 +124,7 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
     tracing::info!(grace = %humantime::format_duration(grace), active = shared.active_connections(), "shutting down: no longer accepting");
     crate::systemd::stopping();
     shared.phase.send_replace(Phase::Draining);
-    reloader.lock().await.stop();
+    reloads.stop().await;
     let deadline = Instant::now() + grace;
     let mut second_signal = false;
     while shared.active_connections() > 0 && Instant::now() < deadline {

@@ -1,9 +1,10 @@
 //! Forwarding: bytes copied unchanged both ways, a FIN passed on as a FIN
 //! while the other direction keeps flowing, bytes counted as they pass.
 //!
-//! Plaintext uses readiness and borrows a buffer from a per-thread pool only
-//! while data is in flight, so an idle connection holds no buffer at all;
-//! a bulk transfer switches to splice(2) and skips user space entirely.
+//! Both plaintext and TLS wait for data before they borrow a buffer from a
+//! per-thread pool, and give it back once it is written, so an idle
+//! connection holds no buffer at all; a plaintext bulk transfer switches to
+//! splice(2) and skips user space entirely.
 
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
 use prometheus::IntCounter;
@@ -55,10 +56,24 @@ impl Activity {
     }
 }
 
+/// One direction's counters: the deployment's metric and the connection's own.
+#[derive(Clone, Copy)]
+pub struct Counter<'a> {
+    pub metric: &'a IntCounter,
+    pub conn: &'a AtomicU64,
+}
+
+impl Counter<'_> {
+    fn add(&self, n: u64) {
+        self.metric.inc_by(n);
+        self.conn.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 /// Per-direction counters and the activity clock.
 pub struct Meter<'a> {
-    pub to_upstream: &'a IntCounter,
-    pub to_client: &'a IntCounter,
+    pub to_upstream: Counter<'a>,
+    pub to_client: Counter<'a>,
     pub activity: &'a Activity,
     pub clock: &'a (dyn Fn() -> u64 + Sync),
 }
@@ -71,18 +86,24 @@ pub struct Totals {
 }
 
 /// Forwards between two plaintext sockets until both directions are done.
+/// `prefix`: bytes set-up already read from the client, sent on first.
 pub async fn plain(
     client: &mut TcpStream,
+    prefix: &[u8],
     upstream: &mut TcpStream,
     m: &Meter<'_>,
 ) -> io::Result<Totals> {
     let (cr, cw) = client.split();
-    let (ur, uw) = upstream.split();
+    let (ur, mut uw) = upstream.split();
+    if !prefix.is_empty() {
+        uw.write_all(prefix).await?;
+        m.to_upstream.add(prefix.len() as u64);
+    }
     let up = pump_plain(cr, uw, m.to_upstream, m);
     let down = pump_plain(ur, cw, m.to_client, m);
     let (to_upstream, to_client) = tokio::try_join!(up, down)?;
     Ok(Totals {
-        to_upstream,
+        to_upstream: to_upstream + prefix.len() as u64,
         to_client,
     })
 }
@@ -95,7 +116,7 @@ pub async fn plain(
 async fn pump_plain(
     mut from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
-    counter: &IntCounter,
+    counter: Counter<'_>,
     m: &Meter<'_>,
 ) -> io::Result<u64> {
     let mut total = 0u64;
@@ -126,7 +147,7 @@ async fn pump_plain(
             return Ok(total);
         }
         total += n as u64;
-        counter.inc_by(n as u64);
+        counter.add(n as u64);
         m.activity.touch((m.clock)());
     }
 }
@@ -178,9 +199,9 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut ur, mut uw) = upstream.split();
-    let up = pump_stream(&mut cr, &mut uw, m.to_upstream, m);
-    let down = pump_stream(&mut ur, &mut cw, m.to_client, m);
+    let (ur, mut uw) = upstream.split();
+    let up = pump_from_tls(&mut cr, &mut uw, m.to_upstream, m);
+    let down = pump_to_tls(ur, &mut cw, m.to_client, m);
     let (to_upstream, to_client) = tokio::try_join!(up, down)?;
     Ok(Totals {
         to_upstream,
@@ -188,33 +209,104 @@ where
     })
 }
 
-async fn pump_stream<R, W>(
+/// Client (TLS) to upstream. Waits on a one-byte read, so an idle
+/// connection holds no buffer; then takes a pooled buffer and adds whatever
+/// else the TLS session has ready at once.
+async fn pump_from_tls<R, W>(
     r: &mut R,
     w: &mut W,
-    counter: &IntCounter,
+    counter: Counter<'_>,
     m: &Meter<'_>,
 ) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; 16 * 1024];
     let mut total = 0u64;
     loop {
-        let n = match r.read(&mut buf).await {
-            Ok(n) => n,
-            // A TLS peer that closes without close_notify: treat as a FIN.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
-            Err(e) => return Err(e),
+        let mut first = [0u8; 1];
+        let mut n = tls_read(r.read(&mut first).await)?;
+        let mut eof = n == 0;
+        if n > 0 {
+            let mut buf = take_buf();
+            buf[0] = first[0];
+            while n < buf.len() {
+                match read_ready(r, &mut buf[n..]).await {
+                    Some(Ok(0)) => {
+                        eof = true;
+                        break;
+                    }
+                    Some(read) => n += tls_read(read)?,
+                    None => break,
+                }
+            }
+            let written = w.write_all(&buf[..n]).await;
+            give_buf(buf);
+            written?;
+            w.flush().await?;
+            total += n as u64;
+            counter.add(n as u64);
+            m.activity.touch((m.clock)());
+        }
+        if eof {
+            let _ = w.shutdown().await;
+            return Ok(total);
+        }
+    }
+}
+
+/// A TLS peer that closes without close_notify: treat it as a FIN.
+fn tls_read(r: io::Result<usize>) -> io::Result<usize> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+        other => other,
+    }
+}
+
+/// Reads what `r` has ready now; None when it would wait.
+async fn read_ready<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Option<io::Result<usize>> {
+    std::future::poll_fn(|cx| {
+        let mut rb = tokio::io::ReadBuf::new(buf);
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb) {
+            std::task::Poll::Ready(Ok(())) => Some(Ok(rb.filled().len())),
+            std::task::Poll::Ready(Err(e)) => Some(Err(e)),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}
+
+/// Upstream (plaintext) to the TLS client: waits for readiness before it
+/// takes a buffer, as plaintext forwarding does.
+async fn pump_to_tls<W>(
+    mut from: ReadHalf<'_>,
+    w: &mut W,
+    counter: Counter<'_>,
+    m: &Meter<'_>,
+) -> io::Result<u64>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut total = 0u64;
+    loop {
+        from.readable().await?;
+        let mut buf = take_buf();
+        let n = match from.read(&mut buf).await {
+            Ok(n) if n > 0 => match w.write_all(&buf[..n]).await {
+                Ok(()) => Ok(n),
+                Err(e) => Err(e),
+            },
+            other => other,
         };
+        give_buf(buf);
+        let n = n?;
         if n == 0 {
             let _ = w.shutdown().await;
             return Ok(total);
         }
-        w.write_all(&buf[..n]).await?;
         w.flush().await?;
         total += n as u64;
-        counter.inc_by(n as u64);
+        counter.add(n as u64);
         m.activity.touch((m.clock)());
     }
 }

@@ -4,7 +4,7 @@
 //! A failed or partial refresh keeps the group's last known members.
 
 use crate::config::{Config, GroupKey, RuleTarget};
-use crate::reload::Reloader;
+use crate::reload::Reloads;
 #[cfg(feature = "aws")]
 use crate::snapshot::GroupMembers;
 use crate::state::Shared;
@@ -12,7 +12,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 #[cfg(feature = "aws")]
 use std::time::Duration;
-use tokio::sync::Mutex;
 
 /// The groups that some rule of `config` references.
 pub fn referenced(config: &Config) -> BTreeSet<GroupKey> {
@@ -103,7 +102,7 @@ fn warn_file_only(config: &Config, groups: &BTreeSet<GroupKey>) {
 /// Runs for the daemon's life: refreshes groups while `[security_groups]
 /// aws` is configured, and applies changes through the reloader.
 #[cfg(feature = "aws")]
-pub async fn refresh_loop(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
+pub async fn refresh_loop(shared: Arc<Shared>, reloads: Reloads) {
     let mut generation = shared.generation.subscribe();
     let mut client: Option<(crate::config::AwsResolver, crate::ec2::Ec2)> = None;
     let mut failures = 0u32;
@@ -129,17 +128,14 @@ pub async fn refresh_loop(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
             .with_label_values(&[if ok { "success" } else { "failure" }])
             .inc();
         failures = if ok { 0 } else { failures + 1 };
-        reloader
-            .lock()
-            .await
-            .apply_groups(&live.snap.config, resolved);
+        reloads.apply_groups(&live.snap.config, resolved).await;
         tokio::time::sleep(next_wait(settings.refresh, failures)).await;
     }
 }
 
 /// Without the `aws` feature: say once that groups come from the file only.
 #[cfg(not(feature = "aws"))]
-pub async fn refresh_loop(shared: Arc<Shared>, _reloader: Arc<Mutex<Reloader>>) {
+pub async fn refresh_loop(shared: Arc<Shared>, _reloads: Reloads) {
     let mut generation = shared.generation.subscribe();
     if let Some(live) = configured(&shared, &mut generation).await {
         tracing::error!(

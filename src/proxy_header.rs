@@ -7,8 +7,9 @@ use tokio::net::TcpStream;
 
 /// The longest v1 header (the protocol's own limit).
 const V1_MAX: usize = 107;
-/// v2: a 16-byte preamble and at most this many bytes of addresses and TLVs.
-const V2_MAX_BODY: usize = 2048;
+/// v2: a 16-byte preamble and at most this many bytes of addresses and
+/// TLVs (the protocol's own limit: the length field is 16 bits).
+const V2_MAX_BODY: usize = u16::MAX as usize;
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 
 /// What a header says about the connection's origin.
@@ -43,6 +44,9 @@ pub fn parse(header: &[u8]) -> Result<Origin, HeaderError> {
             v1::Addresses::Unknown => Origin::Local,
         }),
         HeaderResult::V2(Ok(h)) => match (h.command, h.addresses) {
+            _ if !tlvs_fit(header) => Err(HeaderError::Malformed(
+                "a TLV runs past the end of the header".into(),
+            )),
             (v2::Command::Local, _) => Ok(Origin::Local),
             (v2::Command::Proxy, v2::Addresses::IPv4(a)) => {
                 Ok(Origin::Client(IpAddr::V4(a.source_address)))
@@ -58,6 +62,35 @@ pub fn parse(header: &[u8]) -> Result<Origin, HeaderError> {
         HeaderResult::V1(Err(e)) => Err(HeaderError::Malformed(e.to_string())),
         HeaderResult::V2(Err(e)) => Err(HeaderError::Malformed(e.to_string())),
     }
+}
+
+/// Whether the TLVs after a v2 header's addresses end exactly at the end of
+/// the header (each is a type byte, a 16-bit length and that many bytes).
+fn tlvs_fit(header: &[u8]) -> bool {
+    let Some(&family) = header.get(13) else {
+        return false;
+    };
+    let addresses = match family >> 4 {
+        0x1 => 12,
+        0x2 => 36,
+        0x3 => 216,
+        _ => 0,
+    };
+    let mut rest = match header.get(16 + addresses..) {
+        Some(r) => r,
+        None => return false,
+    };
+    while !rest.is_empty() {
+        let [_, hi, lo, ..] = *rest else {
+            return false;
+        };
+        let end = 3 + u16::from_be_bytes([hi, lo]) as usize;
+        match rest.get(end..) {
+            Some(r) => rest = r,
+            None => return false,
+        }
+    }
+    true
 }
 
 /// How the first bytes of a connection relate to a PROXY header.
@@ -173,6 +206,59 @@ mod tests {
         let mut local = V2_SIGNATURE.to_vec();
         local.extend_from_slice(&[0x20, 0x00, 0, 0]);
         assert_eq!(parse(&local), Ok(Origin::Local));
+    }
+
+    fn v2_with(tlvs: &[u8]) -> Vec<u8> {
+        let mut v2 = V2_SIGNATURE.to_vec();
+        let len = (12 + tlvs.len()) as u16;
+        v2.extend_from_slice(&[0x21, 0x11]);
+        v2.extend_from_slice(&len.to_be_bytes());
+        v2.extend_from_slice(&[192, 0, 2, 9, 10, 0, 0, 1, 0x15, 0xb3, 0x69, 0x89]);
+        v2.extend_from_slice(tlvs);
+        v2
+    }
+
+    #[test]
+    fn v2_tlvs_must_end_with_the_header() {
+        let ok = v2_with(&[0x04, 0, 2, b'h', b'i']);
+        assert_eq!(parse(&ok), Ok(Origin::Client("192.0.2.9".parse().unwrap())));
+        // Announces 9 bytes of value, carries 2.
+        let past = v2_with(&[0x04, 0, 9, b'h', b'i']);
+        assert!(matches!(parse(&past), Err(HeaderError::Malformed(_))));
+        // A dangling partial TLV header.
+        let partial = v2_with(&[0x04, 0]);
+        assert!(matches!(parse(&partial), Err(HeaderError::Malformed(_))));
+    }
+
+    #[tokio::test]
+    async fn v2_headers_up_to_the_protocols_maximum_are_read() {
+        let value = vec![b'x'; u16::MAX as usize - 12 - 3];
+        let mut tlv = vec![0xe0];
+        tlv.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        tlv.extend_from_slice(&value);
+        let header = v2_with(&tlv);
+        assert_eq!(header.len(), 16 + 65_535);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let writer = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut c, &header)
+                .await
+                .unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut c, b"after")
+                .await
+                .unwrap();
+            c
+        });
+        let (mut s, _) = listener.accept().await.unwrap();
+        assert_eq!(
+            read(&mut s).await,
+            Ok(Origin::Client("192.0.2.9".parse().unwrap()))
+        );
+        let _c = writer.await.unwrap();
+        let mut rest = [0u8; 5];
+        s.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"after", "not a byte past the header is consumed");
     }
 
     #[test]

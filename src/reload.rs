@@ -1,40 +1,46 @@
 //! Reload: files are re-read through the same `config::load` as start-up,
 //! and a valid result is compiled and published in one swap; an invalid one
-//! changes nothing. Triggers: the directory watcher (in-place writes, editor
-//! renames, Kubernetes `..data` symlink swaps), SIGHUP, and rule expiry.
+//! changes nothing. Triggers: the file watcher (`crate::watch`), SIGHUP,
+//! rule expiry and security-group refreshes.
+//!
+//! One task owns the listeners and publishes every generation, in order.
+//! It never reads or compiles on a runtime worker: files are loaded on a
+//! thread of their own, bounded by [`LOAD_TIMEOUT`] (a FIFO or a hung
+//! network filesystem fails that reload and is abandoned), and compiling
+//! runs in `spawn_blocking`. While a load is pending the task still serves
+//! expiry and security-group recompiles; reloads asked for meanwhile are
+//! merged into one that starts when the pending load ends.
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, ConfigError};
 use crate::listener::Listeners;
-use crate::metrics::{metrics, DeploymentMetrics};
+use crate::metrics::metrics;
 use crate::snapshot::{GroupMembers, Snapshot, StoreEntries};
 use crate::state::{DeploymentState, Live, Shared};
-use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, oneshot};
 
-/// Quiet time that ends a burst of file events.
-const SETTLE: Duration = Duration::from_millis(150);
-/// Longest a steady stream of events can postpone a reload.
-const SETTLE_MAX: Duration = Duration::from_secs(2);
+/// Longest a reload may spend reading and validating files (SPEC 3.9).
+pub const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Builds a generation, reusing the runtime state of deployments that stay.
+/// Builds a generation. A deployment keeps its runtime state (counts,
+/// metrics) for as long as it is listed or still has connections open, so
+/// removing and re-adding it never resets its counts.
 pub fn build_live(snap: Snapshot, old: &[Arc<DeploymentState>]) -> Live {
-    let by_name: HashMap<&str, &Arc<DeploymentState>> = old.iter().map(|s| (&*s.name, s)).collect();
     let deployments: Vec<Arc<DeploymentState>> = snap
         .config
         .deployments
         .iter()
-        .map(|d| {
-            by_name
-                .get(d.name.as_str())
-                .map_or_else(|| Arc::new(DeploymentState::new(&d.name)), |s| (*s).clone())
-        })
+        .map(|d| DeploymentState::for_name(&d.name))
         .collect();
+    let m = metrics();
     for s in old {
         if !deployments.iter().any(|n| n.name == s.name) {
-            DeploymentMetrics::remove(&s.name);
+            // Configuration gauges go now; traffic series go with the state.
+            let _ = m.rules.remove_label_values(&[&s.name]);
+            let _ = m.cert_expiry.remove_label_values(&[&s.name]);
         }
     }
     Live { snap, deployments }
@@ -86,13 +92,143 @@ pub fn mark_success() {
     m.last_reload_success_timestamp.set(now_secs());
 }
 
-/// Owns the listeners and serialises every change of generation.
+/// Owns the listeners; lives inside the reload task.
 pub struct Reloader {
     shared: Arc<Shared>,
     path: PathBuf,
     listeners: Listeners,
     /// Set once shutdown began: nothing is reloaded or re-bound after that.
     stopped: bool,
+}
+
+/// What a load thread found.
+enum Loaded {
+    /// The files are byte for byte those in force.
+    Unchanged,
+    Invalid(ConfigError),
+    Valid(Box<Config>),
+}
+
+/// A load running on its own thread.
+struct Pending {
+    result: oneshot::Receiver<Loaded>,
+    deadline: tokio::time::Instant,
+    started: Instant,
+    why: String,
+    waiters: Vec<oneshot::Sender<bool>>,
+}
+
+/// A reload asked for while another was pending (several merge into one).
+struct Queued {
+    force: bool,
+    why: String,
+    waiters: Vec<oneshot::Sender<bool>>,
+}
+
+enum Request {
+    Reload {
+        force: bool,
+        why: String,
+        done: Option<oneshot::Sender<bool>>,
+    },
+    Recompile {
+        resolved: Option<Arc<GroupMembers>>,
+        /// New fleet-store entries (SPEC 7); None keeps those in force.
+        store: Option<Arc<StoreEntries>>,
+        /// Only if this config is still the one in force.
+        only_for: Option<Arc<Config>>,
+        why: &'static str,
+        done: oneshot::Sender<bool>,
+    },
+    Stop(oneshot::Sender<()>),
+}
+
+/// The handle every trigger uses; cheap to clone.
+#[derive(Clone)]
+pub struct Reloads {
+    tx: mpsc::UnboundedSender<Request>,
+}
+
+impl Reloads {
+    /// Starts the reload task, which owns `reloader` from now on.
+    pub fn start(reloader: Reloader) -> Reloads {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(reloader.run(rx));
+        Reloads { tx }
+    }
+
+    /// Asks for a reload and returns at once (usable from any thread).
+    /// Unless `force`, nothing happens when the files' bytes are unchanged.
+    pub fn request(&self, force: bool, why: &str) {
+        let _ = self.tx.send(Request::Reload {
+            force,
+            why: why.to_string(),
+            done: None,
+        });
+    }
+
+    /// Reloads and waits: whether a new generation was published.
+    pub async fn reload(&self, force: bool, why: &str) -> bool {
+        let (done, rx) = oneshot::channel();
+        let sent = self.tx.send(Request::Reload {
+            force,
+            why: why.to_string(),
+            done: Some(done),
+        });
+        sent.is_ok() && rx.await.unwrap_or(false)
+    }
+
+    /// Rebuilds the current generation at a new instant (rules expire) or
+    /// with new security-group members, without reading files; returns
+    /// once it is published.
+    pub async fn recompile(&self, resolved: Option<Arc<GroupMembers>>, why: &'static str) -> bool {
+        self.ask_recompile(resolved, None, None, why).await
+    }
+
+    /// Publishes the fleet store's entries (SPEC 7): one swap, revocation
+    /// included, but not a config reload. Returns once it is published.
+    pub async fn apply_store(&self, entries: Arc<StoreEntries>) -> bool {
+        self.ask_recompile(None, Some(entries), None, STORE_CHANGE)
+            .await
+    }
+
+    /// Applies EC2 members resolved under `config`, unless a reload replaced
+    /// that config meanwhile (the next refresh resolves for the new one).
+    pub async fn apply_groups(&self, config: &Arc<Config>, resolved: GroupMembers) -> bool {
+        self.ask_recompile(
+            Some(Arc::new(resolved)),
+            None,
+            Some(config.clone()),
+            "security groups refreshed",
+        )
+        .await
+    }
+
+    async fn ask_recompile(
+        &self,
+        resolved: Option<Arc<GroupMembers>>,
+        store: Option<Arc<StoreEntries>>,
+        only_for: Option<Arc<Config>>,
+        why: &'static str,
+    ) -> bool {
+        let (done, rx) = oneshot::channel();
+        let sent = self.tx.send(Request::Recompile {
+            resolved,
+            store,
+            only_for,
+            why,
+            done,
+        });
+        sent.is_ok() && rx.await.unwrap_or(false)
+    }
+
+    /// Shutdown: closes every listener; later reloads change nothing.
+    pub async fn stop(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Request::Stop(done)).is_ok() {
+            let _ = rx.await;
+        }
+    }
 }
 
 impl Reloader {
@@ -105,62 +241,162 @@ impl Reloader {
         }
     }
 
-    /// Shutdown: closes every listener; later reloads change nothing.
-    pub fn stop(&mut self) {
-        self.stopped = true;
-        self.listeners.close_all();
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>) {
+        let mut pending: Option<Pending> = None;
+        let mut queued: Option<Queued> = None;
+        loop {
+            let request = tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => r,
+                    None => return,
+                },
+                outcome = wait(&mut pending), if pending.is_some() => {
+                    if let Some(p) = pending.take() {
+                        self.finish(p, outcome).await;
+                    }
+                    if let Some(q) = queued.take() {
+                        pending = self.start_load(q);
+                    }
+                    continue;
+                }
+            };
+            match request {
+                Request::Reload { force, why, done } => {
+                    let waiters: Vec<_> = done.into_iter().collect();
+                    match (&pending, &mut queued) {
+                        (None, _) => {
+                            pending = self.start_load(Queued {
+                                force,
+                                why,
+                                waiters,
+                            })
+                        }
+                        (Some(_), Some(q)) => {
+                            q.force |= force;
+                            q.why = why;
+                            q.waiters.extend(waiters);
+                        }
+                        (Some(_), None) => {
+                            queued = Some(Queued {
+                                force,
+                                why,
+                                waiters,
+                            })
+                        }
+                    }
+                }
+                Request::Recompile {
+                    resolved,
+                    store,
+                    only_for,
+                    why,
+                    done,
+                } => {
+                    let published = self.recompile(resolved, store, only_for, why).await;
+                    let _ = done.send(published);
+                }
+                Request::Stop(done) => {
+                    self.stopped = true;
+                    self.listeners.close_all();
+                    // Waiters of a pending or queued reload hear "not published".
+                    pending = None;
+                    queued = None;
+                    let _ = done.send(());
+                }
+            }
+        }
     }
 
-    /// Re-reads the files. Unless `force`, nothing happens when their bytes
-    /// are unchanged. Returns whether a new generation was published.
-    pub fn reload(&mut self, force: bool, why: &str) -> bool {
+    /// Starts loading the files on a thread of their own.
+    fn start_load(&mut self, q: Queued) -> Option<Pending> {
         if self.stopped {
-            return false;
+            return None;
         }
-        let started = Instant::now();
         let current = self.shared.live.load_full();
-        if !force
-            && config::fingerprint(&current.snap.config.files)
-                == Some(current.snap.config.fingerprint)
-        {
-            // The files are those in force again (say, a bad edit reverted).
-            metrics().last_reload_successful.set(1);
-            tracing::debug!(trigger = why, "files unchanged; nothing to reload");
-            return false;
+        let files = current.snap.config.files.clone();
+        let in_force = current.snap.config.fingerprint;
+        drop(current);
+        let path = self.path.clone();
+        let force = q.force;
+        let (tx, result) = oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("moat-load".into())
+            .spawn(move || {
+                if !force && config::fingerprint(&files) == Some(in_force) {
+                    let _ = tx.send(Loaded::Unchanged);
+                    return;
+                }
+                crate::systemd::reloading();
+                let loaded = match config::load(&path, SystemTime::now()) {
+                    Err(e) => Loaded::Invalid(e),
+                    Ok(c) if !force && c.fingerprint == in_force => Loaded::Unchanged,
+                    Ok(c) => Loaded::Valid(Box::new(c)),
+                };
+                let _ = tx.send(loaded);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(trigger = %q.why, error = %e, "reload refused, running config kept: cannot start a thread to read the files");
+            count(false);
+            notify(q.waiters, false);
+            return None;
         }
-        crate::systemd::reloading();
-        let published = match config::load(&self.path, SystemTime::now()) {
-            Err(e) => {
+        Some(Pending {
+            result,
+            deadline: tokio::time::Instant::now() + LOAD_TIMEOUT,
+            started: Instant::now(),
+            why: q.why,
+            waiters: q.waiters,
+        })
+    }
+
+    /// Ends a load: publishes a valid config, and counts and logs the outcome.
+    async fn finish(&mut self, p: Pending, outcome: Outcome) {
+        let why = p.why.as_str();
+        let published = match outcome {
+            Outcome::TimedOut => {
+                let files = config::files::slow_reads(LOAD_TIMEOUT / 2);
+                let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+                tracing::error!(
+                    trigger = why,
+                    blocked_on = %files.join(", "),
+                    "reload refused, running config kept: reading the files took longer than {}s (a FIFO, or a hung network filesystem?); the read is abandoned",
+                    LOAD_TIMEOUT.as_secs()
+                );
+                false
+            }
+            Outcome::Died => {
+                tracing::error!(trigger = why, "reload refused, running config kept: loading the files failed unexpectedly (see the panic above)");
+                false
+            }
+            Outcome::Done(Loaded::Unchanged) => {
+                // The files are those in force again (say, a bad edit reverted).
+                metrics().last_reload_successful.set(1);
+                tracing::debug!(trigger = why, "files unchanged; nothing to reload");
+                crate::systemd::ready();
+                notify(p.waiters, false);
+                return;
+            }
+            Outcome::Done(Loaded::Invalid(e)) => {
                 for d in &e.errors {
                     tracing::error!(trigger = why, "reload refused, running config kept: {d}");
                 }
                 false
             }
-            Ok(cfg) => {
-                if !force && cfg.fingerprint == current.snap.config.fingerprint {
-                    metrics().last_reload_successful.set(1);
-                    crate::systemd::ready();
-                    return false;
-                }
-                self.apply(cfg, &current, why, started)
+            Outcome::Done(Loaded::Valid(cfg)) if !self.stopped => {
+                self.apply(*cfg, why, p.started).await
             }
+            Outcome::Done(Loaded::Valid(_)) => false,
         };
-        let m = metrics();
-        if published {
-            m.reloads.with_label_values(&["success"]).inc();
-            mark_success();
-        } else {
-            m.reloads.with_label_values(&["failure"]).inc();
-            m.last_reload_successful.set(0);
-        }
+        count(published);
         crate::systemd::ready();
-        published
+        notify(p.waiters, published);
     }
 
-    fn apply(&mut self, cfg: Config, current: &Live, why: &str, started: Instant) -> bool {
+    async fn apply(&mut self, cfg: Config, why: &str, started: Instant) -> bool {
         for w in &cfg.warnings {
             tracing::warn!("{w}");
         }
+        let current = self.shared.live.load_full();
         // Members learned from EC2 carry over only while a resolver is
         // configured, and only for groups still referenced.
         let resolved: GroupMembers = match cfg.security_groups.aws {
@@ -182,7 +418,13 @@ impl Reloader {
             Some(_) => current.snap.store.clone(),
             None => Arc::default(),
         };
-        let snap = Snapshot::compile(Arc::new(cfg), Arc::new(resolved), store, SystemTime::now());
+        let Some(snap) = compile(Arc::new(cfg), Arc::new(resolved), store).await else {
+            tracing::error!(
+                trigger = why,
+                "reload refused, running config kept: compiling the rules failed"
+            );
+            return false;
+        };
         let prepared = match self.listeners.prepare(&snap.config.listeners) {
             Ok(p) => p,
             Err(e) => {
@@ -191,7 +433,9 @@ impl Reloader {
             }
         };
         let live = build_live(snap, &current.deployments);
-        update_gauges(&live);
+        let Some(live) = with_gauges(live).await else {
+            return false;
+        };
         let listeners = live.snap.config.listeners.clone();
         self.shared.publish(live);
         self.listeners.commit(&self.shared, prepared, &listeners);
@@ -203,145 +447,107 @@ impl Reloader {
         true
     }
 
-    /// Applies EC2 members resolved under `config`, unless a reload replaced
-    /// that config meanwhile (the next refresh resolves for the new one).
-    pub fn apply_groups(&mut self, config: &Arc<Config>, resolved: GroupMembers) {
-        let current = self.shared.live.load();
-        if Arc::ptr_eq(&current.snap.config, config) && *current.snap.resolved != resolved {
-            drop(current);
-            self.recompile(Some(Arc::new(resolved)), "security groups refreshed");
-        }
-    }
-
-    /// Rebuilds the current generation at a new instant (rules expire) or
-    /// with new security-group members, without re-reading files.
-    pub fn recompile(&mut self, resolved: Option<Arc<GroupMembers>>, why: &str) {
-        if self.stopped {
-            return;
-        }
-        let current = self.shared.live.load_full();
-        let resolved = resolved.unwrap_or_else(|| current.snap.resolved.clone());
-        let snap = Snapshot::compile(
-            current.snap.config.clone(),
-            resolved,
-            current.snap.store.clone(),
-            SystemTime::now(),
-        );
-        let live = build_live(snap, &current.deployments);
-        update_gauges(&live);
-        self.shared.publish(live);
-        tracing::info!(trigger = why, "rules recompiled");
-    }
-
-    /// Publishes the fleet store's entries (SPEC 7): the running config
-    /// compiled with them off the runtime threads, then one swap. Not a
-    /// config reload. Returns false after shutdown began.
-    pub async fn apply_store(&mut self, store: Arc<StoreEntries>) -> bool {
+    async fn recompile(
+        &mut self,
+        resolved: Option<Arc<GroupMembers>>,
+        store: Option<Arc<StoreEntries>>,
+        only_for: Option<Arc<Config>>,
+        why: &'static str,
+    ) -> bool {
         if self.stopped {
             return false;
         }
         let current = self.shared.live.load_full();
-        let (config, resolved) = (current.snap.config.clone(), current.snap.resolved.clone());
-        let compiled = tokio::task::spawn_blocking(move || {
-            Snapshot::compile(config, resolved, store, SystemTime::now())
-        })
-        .await;
-        let Ok(snap) = compiled else {
+        if let Some(config) = &only_for {
+            let same = Arc::ptr_eq(&current.snap.config, config);
+            if !same || resolved.as_ref() == Some(&current.snap.resolved) {
+                return false;
+            }
+        }
+        let resolved = resolved.unwrap_or_else(|| current.snap.resolved.clone());
+        let store = store.unwrap_or_else(|| current.snap.store.clone());
+        let Some(snap) = compile(current.snap.config.clone(), resolved, store).await else {
+            tracing::error!(
+                trigger = why,
+                "compiling the rules failed; the rules in force are kept"
+            );
             return false;
         };
         let live = build_live(snap, &current.deployments);
-        update_gauges(&live);
+        let Some(live) = with_gauges(live).await else {
+            return false;
+        };
         self.shared.publish(live);
+        if why == STORE_CHANGE {
+            tracing::debug!(trigger = why, "rules recompiled");
+        } else {
+            tracing::info!(trigger = why, "rules recompiled");
+        }
         true
     }
 }
 
-/// Directories to watch: those of every file the config read.
-fn watched_dirs(files: &[PathBuf]) -> BTreeSet<PathBuf> {
-    files
-        .iter()
-        .map(|f| {
-            f.parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."))
-                .to_path_buf()
-        })
-        .collect()
+/// How a pending load ended.
+enum Outcome {
+    Done(Loaded),
+    /// Its deadline passed; the thread is abandoned.
+    TimedOut,
+    /// The thread ended without an answer (a panic).
+    Died,
 }
 
-/// Whether an event on `path` can change a file in use: one of the files
-/// read (by name, as editors rename over it), or Kubernetes' `..data` link
-/// and its timestamped directories. Other files in the same directories (a
-/// log file, an editor's swap file) are ignored.
-fn relevant(path: &Path, names: &BTreeSet<std::ffi::OsString>) -> bool {
-    match path.file_name() {
-        Some(name) => names.contains(name) || name.as_encoded_bytes().starts_with(b".."),
-        None => true,
+async fn wait(pending: &mut Option<Pending>) -> Outcome {
+    let Some(p) = pending.as_mut() else {
+        return std::future::pending().await;
+    };
+    match tokio::time::timeout_at(p.deadline, &mut p.result).await {
+        Ok(Ok(loaded)) => Outcome::Done(loaded),
+        Ok(Err(_)) => Outcome::Died,
+        Err(_) => Outcome::TimedOut,
     }
 }
 
-/// Watches the directories of every file in use and reloads after a burst
-/// of changes settles. Never stops; a watch that fails is logged and retried
-/// at the next reload.
-pub async fn watch_files(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
-    use notify::{EventKind, RecursiveMode, Watcher};
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let names = Arc::new(std::sync::RwLock::new(BTreeSet::new()));
-    let seen = names.clone();
-    let mut watcher =
-        match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if let Ok(ev) = res {
-                let names = seen.read().unwrap_or_else(|p| p.into_inner());
-                let ours = ev.paths.is_empty() || ev.paths.iter().any(|p| relevant(p, &names));
-                if ours && !matches!(ev.kind, EventKind::Access(_)) {
-                    let _ = tx.send(());
-                }
-            }
-        }) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot watch the config files; reload with SIGHUP");
-                return;
-            }
-        };
-    let mut watching: BTreeSet<PathBuf> = BTreeSet::new();
-    loop {
-        let files = shared.live.load().snap.config.files.clone();
-        *names.write().unwrap_or_else(|p| p.into_inner()) = files
-            .iter()
-            .filter_map(|f| f.file_name().map(|n| n.to_os_string()))
-            .collect();
-        let wanted = watched_dirs(&files);
-        for gone in watching.difference(&wanted) {
-            let _ = watcher.unwatch(gone);
-        }
-        let mut now_watching = BTreeSet::new();
-        for dir in &wanted {
-            if watching.contains(dir) {
-                now_watching.insert(dir.clone());
-                continue;
-            }
-            match watcher.watch(dir, RecursiveMode::NonRecursive) {
-                Ok(()) => {
-                    now_watching.insert(dir.clone());
-                }
-                Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory")
-                }
-            }
-        }
-        watching = now_watching;
-        if rx.recv().await.is_none() {
-            return;
-        }
-        let burst = Instant::now();
-        while burst.elapsed() < SETTLE_MAX {
-            match tokio::time::timeout(SETTLE, rx.recv()).await {
-                Ok(Some(())) => continue,
-                _ => break,
-            }
-        }
-        reloader.lock().await.reload(false, "file change");
+/// The trigger of fleet-store changes (logged at debug: one per write).
+const STORE_CHANGE: &str = "fleet store change";
+
+/// Compiles off the runtime's workers (a big table takes a while).
+async fn compile(
+    config: Arc<Config>,
+    resolved: Arc<GroupMembers>,
+    store: Arc<StoreEntries>,
+) -> Option<Snapshot> {
+    tokio::task::spawn_blocking(move || {
+        Snapshot::compile(config, resolved, store, SystemTime::now())
+    })
+    .await
+    .ok()
+}
+
+/// Sets the gauges of a generation before it is published, off the
+/// runtime's workers (counting members sorts them).
+async fn with_gauges(live: Live) -> Option<Live> {
+    tokio::task::spawn_blocking(move || {
+        update_gauges(&live);
+        live
+    })
+    .await
+    .ok()
+}
+
+fn count(published: bool) {
+    let m = metrics();
+    if published {
+        m.reloads.with_label_values(&["success"]).inc();
+        mark_success();
+    } else {
+        m.reloads.with_label_values(&["failure"]).inc();
+        m.last_reload_successful.set(0);
+    }
+}
+
+fn notify(waiters: Vec<oneshot::Sender<bool>>, published: bool) {
+    for w in waiters {
+        let _ = w.send(published);
     }
 }
 
@@ -349,7 +555,7 @@ pub async fn watch_files(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
 const EXPIRY_MARGIN: Duration = Duration::from_millis(2);
 
 /// Rebuilds the rules when the next `expires` instant passes.
-pub async fn expire_rules(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
+pub async fn expire_rules(shared: Arc<Shared>, reloads: Reloads) {
     let mut generation = shared.generation.subscribe();
     loop {
         let next = shared.live.load().snap.next_expiry;
@@ -360,7 +566,7 @@ pub async fn expire_rules(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>) {
         });
         tokio::select! {
             _ = async { match wait { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {
-                reloader.lock().await.recompile(None, "rule expired");
+                reloads.recompile(None, "rule expired").await;
             }
             r = generation.changed() => if r.is_err() { return },
         }

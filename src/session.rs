@@ -1,40 +1,47 @@
 //! The forwarding phase of an admitted connection: bytes both ways until the
-//! connection ends, its source is revoked, it idles out, or the shutdown
-//! grace period ends; then one log line.
+//! connection ends, its source is revoked (a reload, an expiry, a store
+//! update, or `DELETE /connections/{id}`), it idles out, or the shutdown
+//! grace period ends; then one log line. A session keeps what it needs by
+//! value, never a whole config generation, so old rule tables are freed.
 
-use crate::admission::{readmit, Deny, Permit};
+use crate::admission::{readmit, Deny};
 use crate::config::OnRevoke;
 use crate::conn::Phase;
-use crate::forward::{self, Activity, Meter, Totals};
-use crate::state::{Live, Shared, Slot};
+use crate::forward::{self, Activity, Counter, Meter, Totals};
+use crate::registry::Registration;
+use crate::rewind::Rewind;
+use crate::state::{Shared, Slot};
 use std::io;
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 /// The client side after admission (and TLS).
 pub enum Client {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<Rewind<TcpStream>>>),
 }
 
 /// An admitted, connected pair, ready to forward.
 pub struct Session {
     pub shared: Arc<Shared>,
-    pub live: Arc<Live>,
-    pub started: Instant,
-    pub permit: Permit,
+    pub idle_timeout: Option<Duration>,
+    /// The connection's entry in the live-connection registry.
+    pub registration: Registration,
     /// Holds the connection's place under the limits until it ends.
     pub slot: Slot,
     pub client: Client,
+    /// Plaintext read during set-up, sent upstream first.
+    pub prefix: Vec<u8>,
     pub upstream: TcpStream,
 }
 
 /// Why a forwarded connection ended.
 enum End {
     Finished(io::Result<Totals>),
-    Revoked(Deny),
+    Revoked(String),
     Idle,
     Shutdown,
 }
@@ -43,48 +50,54 @@ impl Session {
     pub async fn run(self) {
         let Session {
             shared,
-            live,
-            started,
-            permit,
+            idle_timeout,
+            registration,
             slot,
             client,
+            prefix,
             mut upstream,
         } = self;
         let state = &slot.state;
-        let source = permit.source();
-        let idle_timeout = live.snap.config.deployments[permit.deployment()]
-            .limits
-            .idle_timeout;
+        let record = &registration.record;
+        let source = record.source;
         let activity = Activity::default();
         let clock_shared = shared.clone();
         let clock = move || clock_shared.now_ms();
         activity.touch(clock());
         let meter = Meter {
-            to_upstream: &state.metrics.to_upstream,
-            to_client: &state.metrics.to_client,
+            to_upstream: Counter {
+                metric: &state.metrics.to_upstream,
+                conn: &record.to_upstream,
+            },
+            to_client: Counter {
+                metric: &state.metrics.to_client,
+                conn: &record.to_client,
+            },
             activity: &activity,
             clock: &clock,
         };
         let forward = async {
             match client {
                 // TCP_NODELAY is inherited from the listening socket.
-                Client::Plain(mut c) => forward::plain(&mut c, &mut upstream, &meter).await,
+                Client::Plain(mut c) => {
+                    forward::plain(&mut c, &prefix, &mut upstream, &meter).await
+                }
                 Client::Tls(c) => Box::pin(forward::stream(*c, &mut upstream, &meter)).await,
             }
         };
-        state.metrics.active.inc();
+        // Revocation wins over data: checked first, before any byte moves.
         let end = tokio::select! {
-            r = forward => End::Finished(r),
-            d = revoked(&shared, &state.name, source) => End::Revoked(d),
-            _ = idle(&activity, idle_timeout, &clock) => End::Idle,
+            biased;
+            d = revoked(&shared, &state.name, source) => End::Revoked(d.to_string()),
+            _ = record.closed() => End::Revoked("closed through the API".into()),
             _ = closing(&shared) => End::Shutdown,
+            _ = idle(&activity, idle_timeout, &clock) => End::Idle,
+            r = forward => End::Finished(r),
         };
-        state.metrics.active.dec();
-        let (rule, cidr) = permit
-            .rule(&live.snap)
-            .map_or(("shared plan", String::new()), |(d, n)| (d, n.to_string()));
-        let ms = started.elapsed().as_millis() as u64;
+        let ms = record.since.elapsed().map_or(0, |d| d.as_millis() as u64);
         let name = &state.name;
+        let rule = &record.description;
+        let cidr = &record.cidr;
         match end {
             End::Finished(Ok(t)) => {
                 tracing::info!(deployment = %name, source = %source, outcome = "allowed", rule, cidr, to_upstream = t.to_upstream, to_client = t.to_client, duration_ms = ms, "connection closed")
@@ -94,7 +107,7 @@ impl Session {
             }
             End::Revoked(why) => {
                 state.metrics.revoked.inc();
-                tracing::warn!(deployment = %name, source = %source, outcome = "allowed", rule, cidr, duration_ms = ms, reason = %why, "connection revoked: the rules no longer admit its source");
+                tracing::warn!(deployment = %name, source = %source, outcome = "allowed", rule, cidr, duration_ms = ms, reason = %why, "connection revoked");
             }
             End::Idle => {
                 tracing::info!(deployment = %name, source = %source, outcome = "allowed", rule, cidr, duration_ms = ms, "connection closed after idle_timeout")
@@ -106,15 +119,14 @@ impl Session {
     }
 }
 
-/// Resolves when a reload or an expiry no longer admits `source` (and
-/// `on_revoke = "close"`); otherwise never.
-async fn revoked(shared: &Shared, name: &str, source: std::net::IpAddr) -> Deny {
+/// Resolves when the rules in force no longer admit `source` (and
+/// `on_revoke = "close"`); otherwise never. The first check runs at once:
+/// it covers a change made while the upstream was being dialled.
+async fn revoked(shared: &Shared, name: &str, source: IpAddr) -> Deny {
     let mut rx = shared.generation.subscribe();
-    // The first check covers any change made while the connection was
-    // being set up (admitted against an older generation).
-    let mut first = true;
+    rx.mark_changed();
     loop {
-        if !std::mem::replace(&mut first, false) && rx.changed().await.is_err() {
+        if rx.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
         let live = shared.live.load();

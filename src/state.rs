@@ -2,13 +2,14 @@
 //! per-deployment runtime state that outlives reloads) behind one `ArcSwap`,
 //! the change signal live connections watch, and connection limits.
 
+use crate::config::Limits;
 use crate::metrics::DeploymentMetrics;
 use crate::snapshot::Snapshot;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Instant;
 use tokio::sync::watch;
 
@@ -19,23 +20,66 @@ pub struct Live {
     pub deployments: Vec<Arc<DeploymentState>>,
 }
 
-/// Runtime state of a deployment, kept across reloads by name.
+/// Runtime state of a deployment, kept by name for as long as anything
+/// holds it: a generation that lists the deployment, or a connection still
+/// open to it. A deployment removed and added again while its connections
+/// run on gets the same state back, so its counts stay true.
 pub struct DeploymentState {
     pub name: Arc<str>,
     pub metrics: DeploymentMetrics,
     active: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
     pub refusals: RefusalLog,
+    /// Rate limit of "upstream unreachable" lines.
+    pub upstream_errors: RefusalLog,
 }
 
+/// Every deployment state alive, by name.
+static STATES: LazyLock<Mutex<HashMap<Arc<str>, Weak<DeploymentState>>>> =
+    LazyLock::new(Default::default);
+
 impl DeploymentState {
-    pub fn new(name: &str) -> Self {
-        DeploymentState {
+    /// The state of deployment `name`: the one still alive, or a new one.
+    pub fn for_name(name: &str) -> Arc<Self> {
+        let mut states = STATES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = states.get(name).and_then(Weak::upgrade) {
+            return s;
+        }
+        let s = Arc::new(DeploymentState {
             name: name.into(),
             metrics: DeploymentMetrics::new(name),
             active: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             refusals: RefusalLog::default(),
+            upstream_errors: RefusalLog::default(),
+        });
+        states.insert(s.name.clone(), Arc::downgrade(&s));
+        s
+    }
+
+    /// Connections open to this deployment (set-up and forwarding).
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Open connections from `source`.
+    pub fn active_from(&self, source: IpAddr) -> u32 {
+        let per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        per_ip.get(&source).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for DeploymentState {
+    /// The last holder is gone: drop the deployment's series, unless a new
+    /// state of the same name took its place meanwhile.
+    fn drop(&mut self) {
+        let mut states = STATES.lock().unwrap_or_else(|p| p.into_inner());
+        let ours = states
+            .get(&self.name)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), self));
+        if ours {
+            states.remove(&self.name);
+            DeploymentMetrics::remove(&self.name);
         }
     }
 }
@@ -51,6 +95,8 @@ pub struct Shared {
     pub ready: std::sync::atomic::AtomicBool,
     /// When the daemon started, for the coarse clocks below.
     pub epoch: Instant,
+    /// Live (forwarding) connections, for the API.
+    pub registry: Arc<crate::registry::Registry>,
 }
 
 impl Shared {
@@ -62,6 +108,7 @@ impl Shared {
             phase: watch::channel(crate::conn::Phase::Running).0,
             ready: std::sync::atomic::AtomicBool::new(false),
             epoch: Instant::now(),
+            registry: Arc::default(),
         })
     }
 
@@ -74,32 +121,18 @@ impl Shared {
     /// Takes a connection slot under the global, deployment and per-source
     /// caps; the slot is released when the returned guard drops.
     pub fn acquire(self: &Arc<Self>, live: &Live, dep: usize, source: IpAddr) -> Option<Slot> {
-        let config = &live.snap.config;
-        let limits = &config.deployments[dep].limits;
-        let state = &live.deployments[dep];
-        let global_cap = config.limits.max_connections.unwrap_or(u32::MAX) as usize;
+        let global_cap = live.snap.config.limits.max_connections.unwrap_or(u32::MAX) as usize;
         if !take(&self.global_active, global_cap) {
             return None;
         }
-        let own_cap = limits.max_connections.unwrap_or(u32::MAX) as usize;
-        if !take(&state.active, own_cap) {
+        let state = live.deployments[dep].clone();
+        if !enter(&state, &live.snap.config.deployments[dep].limits, source) {
             self.global_active.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        {
-            let mut per_ip = state.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-            let n = per_ip.entry(source).or_insert(0);
-            if *n >= limits.max_connections_per_ip {
-                drop(per_ip);
-                state.active.fetch_sub(1, Ordering::AcqRel);
-                self.global_active.fetch_sub(1, Ordering::AcqRel);
-                return None;
-            }
-            *n += 1;
-        }
         Some(Slot {
             shared: self.clone(),
-            state: state.clone(),
+            state,
             source,
         })
     }
@@ -122,25 +155,74 @@ fn take(counter: &AtomicUsize, cap: usize) -> bool {
         .is_ok()
 }
 
-/// A held connection slot.
+/// Counts a connection from `source` into a deployment under its caps.
+fn enter(state: &DeploymentState, limits: &Limits, source: IpAddr) -> bool {
+    let own_cap = limits.max_connections.unwrap_or(u32::MAX) as usize;
+    if !take(&state.active, own_cap) {
+        return false;
+    }
+    let mut per_ip = state.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+    let n = per_ip.entry(source).or_insert(0);
+    if *n >= limits.max_connections_per_ip {
+        if *n == 0 {
+            per_ip.remove(&source);
+        }
+        drop(per_ip);
+        state.active.fetch_sub(1, Ordering::AcqRel);
+        return false;
+    }
+    *n += 1;
+    drop(per_ip);
+    state.metrics.active.inc();
+    true
+}
+
+/// Undoes `enter`.
+fn leave(state: &DeploymentState, source: IpAddr) {
+    {
+        let mut per_ip = state.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per_ip.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&source);
+            }
+        }
+    }
+    state.active.fetch_sub(1, Ordering::AcqRel);
+    state.metrics.active.dec();
+}
+
+/// A held connection slot: one place under the global cap, and one under
+/// a deployment's caps for one source address. Taken at accept, so every
+/// phase of a connection counts.
 pub struct Slot {
     shared: Arc<Shared>,
     pub state: Arc<DeploymentState>,
     source: IpAddr,
 }
 
+impl Slot {
+    /// Moves the slot to deployment `dep` of `live` and source `source`
+    /// (after a PROXY header or SNI routing). On refusal the slot stays
+    /// where it was.
+    pub fn move_to(&mut self, live: &Live, dep: usize, source: IpAddr) -> bool {
+        let state = &live.deployments[dep];
+        if Arc::ptr_eq(state, &self.state) && source == self.source {
+            return true;
+        }
+        if !enter(state, &live.snap.config.deployments[dep].limits, source) {
+            return false;
+        }
+        leave(&self.state, self.source);
+        self.state = state.clone();
+        self.source = source;
+        true
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
-        {
-            let mut per_ip = self.state.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = per_ip.get_mut(&self.source) {
-                *n -= 1;
-                if *n == 0 {
-                    per_ip.remove(&self.source);
-                }
-            }
-        }
-        self.state.active.fetch_sub(1, Ordering::AcqRel);
+        leave(&self.state, self.source);
         self.shared.global_active.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -3,6 +3,7 @@
 #   ca.pem / ca-key.pem              a dev CA ("moat development CA")
 #   server.pem / server-key.pem      server chain (leaf + CA) for localhost, 127.0.0.1, ::1
 #   client.pem / client-key.pem      client certificate, CN=dev-client, for mTLS (client_ca = ca.pem)
+#   client-cert-and-key.pem          client.pem + client-key.pem in one file (mongosh's tlsCertificateKeyFile)
 # All keys are ECDSA P-256 in PKCS#8, mode 600; everything is valid for 10 years.
 # Never use these anywhere but a developer's machine or a test: the private keys are public.
 #
@@ -61,8 +62,10 @@ openssl req -new -key client-key.pem -subj "/O=moat development/CN=dev-client" -
 openssl x509 -req -in "$work/client.csr" -CA ca.pem -CAkey ca-key.pem \
   -CAserial "$work/ca.srl" -days "$days" -sha256 -extfile "$work/client.ext" -out client.pem
 
+cat client.pem client-key.pem >client-cert-and-key.pem
+
 chmod 644 ca.pem server.pem client.pem
-chmod 600 ca-key.pem server-key.pem client-key.pem
+chmod 600 ca-key.pem server-key.pem client-key.pem client-cert-and-key.pem
 
 openssl verify -CAfile ca.pem "$work/server-leaf.pem" >/dev/null
 openssl verify -CAfile ca.pem client.pem >/dev/null

@@ -49,7 +49,12 @@ impl Validator<'_> {
             let mut members = Vec::new();
             for m in &g.members {
                 match parse_cidr(m.get_ref()) {
-                    Ok(net) => members.push(net),
+                    Ok(net) => {
+                        if is_whole_internet(&net) {
+                            self.report.warn(&src, m.span(), format!("group {} of account {}: member {} is open to the whole internet: every rule that names this group admits every address; list the group's own addresses instead", g.id.get_ref(), g.aws_account.get_ref(), written(m.get_ref(), &net)));
+                        }
+                        members.push(net)
+                    }
                     Err(msg) => self.report.error(
                         &src,
                         m.span(),
@@ -125,5 +130,45 @@ impl Validator<'_> {
             endpoint: a.endpoint.as_ref().map(|e| e.get_ref().clone()),
             accounts,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Membership entries and PROXY-trusted ranges that cover every
+    /// address warn like an allow rule does, at their place.
+    #[test]
+    fn whole_internet_members_and_trusted_ranges_warn() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = "[security_groups]\nfile = \"sg.toml\"\n\n[[deployment]]\nname = \"orders\"\nlisten = \"127.0.0.1:7000\"\nupstream = \"127.0.0.1:27018\"\nproxy_protocol = { trusted = [\"10.0.0.0/8\", \"::/0\"] }\n\n[[deployment.allow]]\naws_account = \"123456789012\"\nsecurity_group = \"sg-0a1b2c3d\"\n";
+        let sg = "[[group]]\naws_account = \"123456789012\"\nid = \"sg-0a1b2c3d\"\nmembers = [\"10.0.0.0/8\",\n  \"::ffff:0.0.0.0/96\", \"0.0.0.0/0\"]\n";
+        std::fs::write(dir.path().join("moat.toml"), config).unwrap();
+        std::fs::write(dir.path().join("sg.toml"), sg).unwrap();
+        let c = crate::config::load(&dir.path().join("moat.toml"), std::time::SystemTime::now())
+            .unwrap();
+        let w: Vec<String> = c.warnings.iter().map(|d| d.to_string()).collect();
+        let at = |needle: &str| {
+            w.iter()
+                .find(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("no warning at {needle}: {w:?}"))
+                .clone()
+        };
+        let mapped = at("sg.toml:5:3");
+        assert!(
+            mapped.contains("whole internet")
+                && mapped.contains("\"::ffff:0.0.0.0/96\" (0.0.0.0/0)"),
+            "{mapped}"
+        );
+        assert!(at("sg.toml:5:24").contains("whole internet"));
+        let trusted = at("moat.toml:8:45");
+        assert!(
+            trusted.contains("proxy_protocol") && trusted.contains("whole internet"),
+            "{trusted}"
+        );
+        assert_eq!(
+            w.iter().filter(|l| l.contains("whole internet")).count(),
+            3,
+            "{w:?}"
+        );
     }
 }

@@ -3,7 +3,9 @@
 //! `moat explain` and reloads all go through [`load`].
 
 mod diag;
+pub mod files;
 mod groups;
+mod listen;
 mod raw;
 mod schema;
 mod store;
@@ -11,6 +13,7 @@ mod validate;
 pub mod values;
 
 pub use diag::{ConfigError, Diagnostic, Severity};
+pub use listen::bind_conflict;
 pub use store::{Secret, Store, StoreTls, DEFAULT_PREFIX};
 pub use validate::{fingerprint, load, load_bytes};
 

@@ -14,7 +14,7 @@ use toml::Spanned;
 /// Loads and fully validates the config at `path` and every file it names.
 /// `now` decides which rules have already expired (a warning).
 pub fn load(path: &Path, now: SystemTime) -> Result<Config, ConfigError> {
-    match std::fs::read(path) {
+    match super::files::read(path) {
         Ok(bytes) => load_bytes(path, &bytes, now),
         Err(e) => {
             let mut report = Report::default();
@@ -58,6 +58,9 @@ pub fn load_bytes(path: &Path, bytes: &[u8], now: SystemTime) -> Result<Config, 
     let store = v.store(raw.store.as_ref());
     let deployments = v.deployments(&raw.deployment, &limits, &security_groups, store.is_some());
     let listeners = v.listeners(&raw.deployment, &deployments);
+    let admin = raw.server.as_ref().and_then(|s| s.admin_listen.as_ref());
+    let admin = server.admin_listen.zip(admin);
+    v.listen_conflicts(&raw.deployment, &deployments, &listeners, admin);
     if raw.deployment.is_empty() && report.errors.is_empty() {
         // Also what a truncated file looks like: never take every listener down for it.
         report.error(&src, 0..0, "the config defines no [[deployment]]; moat would serve nothing (add one, see config/moat.toml)");
@@ -126,7 +129,7 @@ fn hash_file(hasher: &mut Sha256, path: &Path, bytes: &[u8]) {
 pub fn fingerprint(files: &[PathBuf]) -> Option<[u8; 32]> {
     let mut hasher = Sha256::new();
     for f in files {
-        hash_file(&mut hasher, f, &std::fs::read(f).ok()?);
+        hash_file(&mut hasher, f, &super::files::read(f).ok()?);
     }
     Some(hasher.finalize().into())
 }
@@ -300,7 +303,7 @@ impl Validator<'_> {
         what: &str,
     ) -> Option<(PathBuf, Vec<u8>)> {
         let path = self.resolve(at.get_ref());
-        match std::fs::read(&path) {
+        match super::files::read(&path) {
             Ok(bytes) => {
                 hash_file(self.hasher, &path, &bytes);
                 self.files.push(path.clone());
@@ -378,6 +381,7 @@ impl Validator<'_> {
         }
         for item in items {
             match item.parse::<SocketAddr>() {
+                Ok(a) if a.port() == 0 => self.err(&r.listen, format!("{ctx}: listen address {a} has port 0, which would listen on a random port no client knows; give the port clients connect to, like \"{}\"", SocketAddr::new(a.ip(), 27017))),
                 Ok(a) if listen.contains(&a) => self.err(&r.listen, format!("{ctx}: listen address {a} is given twice")),
                 Ok(a) => listen.push(a),
                 Err(_) => self.err(&r.listen, format!("{ctx}: listen address \"{item}\" is not IP:PORT; write it like \"0.0.0.0:27017\" or \"[::]:27017\"")),
@@ -408,7 +412,12 @@ impl Validator<'_> {
             let mut nets = Vec::new();
             for t in &p.get_ref().trusted {
                 match parse_cidr(t.get_ref()) {
-                    Ok(n) => nets.push(n),
+                    Ok(n) => {
+                        if is_whole_internet(&n) {
+                            self.warn(t, format!("{ctx}: proxy_protocol trusts {}, which is open to the whole internet: any host may send a PROXY header and choose the source address moat checks; list only your load balancers' addresses", written(t.get_ref(), &n)));
+                        }
+                        nets.push(n)
+                    }
                     Err(m) => self.err(t, format!("{ctx}: proxy_protocol trusted: {m}")),
                 }
             }
@@ -525,7 +534,13 @@ impl Validator<'_> {
             (Some(c), None, None) => match parse_cidr(c.get_ref()) {
                 Ok(net) => {
                     if is_whole_internet(&net) {
-                        self.warn(c, format!("{ctx}: {net} is open to the whole internet"));
+                        self.warn(
+                            c,
+                            format!(
+                                "{ctx}: {} is open to the whole internet",
+                                written(c.get_ref(), &net)
+                            ),
+                        );
                     }
                     RuleTarget::Cidr(net)
                 }

@@ -40,9 +40,20 @@ fn unmap(net: IpNet) -> IpNet {
     net
 }
 
-/// Whether a range admits every address of its family.
+/// Whether a range admits every address of its family. Ranges come from
+/// [`parse_cidr`], so `::ffff:0.0.0.0/96` is already `0.0.0.0/0` here.
 pub fn is_whole_internet(net: &IpNet) -> bool {
     net.prefix_len() == 0
+}
+
+/// The range as written, and what it means when that differs (a mapped
+/// `::ffff:0.0.0.0/96` is `0.0.0.0/0`).
+pub fn written(text: &str, net: &IpNet) -> String {
+    if text.trim() == net.to_string() {
+        net.to_string()
+    } else {
+        format!("\"{}\" ({net})", text.trim())
+    }
 }
 
 /// The longest duration any setting takes (so deadlines cannot overflow).
@@ -132,7 +143,13 @@ pub fn check_name(text: &str) -> Result<(), String> {
 
 /// `host:port` of the upstream: an IP or a DNS name, and a port.
 pub fn check_upstream(text: &str) -> Result<(), String> {
-    if text.parse::<std::net::SocketAddr>().is_ok() {
+    if let Ok(addr) = text.parse::<std::net::SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(format!(
+                "upstream \"{text}\" has port 0, which nothing listens on; give mongod's port, like \"{}\"",
+                std::net::SocketAddr::new(addr.ip(), 27018)
+            ));
+        }
         return Ok(());
     }
     let ok = text.rsplit_once(':').is_some_and(|(host, port)| {
@@ -205,6 +222,22 @@ mod tests {
     }
 
     #[test]
+    fn whole_internet() {
+        for t in ["0.0.0.0/0", "::/0", "::ffff:0.0.0.0/96"] {
+            assert!(is_whole_internet(&parse_cidr(t).unwrap()), "{t}");
+        }
+        for t in ["0.0.0.0/1", "::/1", "::ffff:0.0.0.0/97", "128.0.0.0/1"] {
+            assert!(!is_whole_internet(&parse_cidr(t).unwrap()), "{t}");
+        }
+        let n = parse_cidr("::ffff:0.0.0.0/96").unwrap();
+        assert_eq!(
+            written("::ffff:0.0.0.0/96", &n),
+            "\"::ffff:0.0.0.0/96\" (0.0.0.0/0)"
+        );
+        assert_eq!(written("::/0", &parse_cidr("::/0").unwrap()), "::/0");
+    }
+
+    #[test]
     fn ids_and_names() {
         assert!(check_account("123456789012").is_ok());
         assert!(check_account("12345678901").is_err());
@@ -218,6 +251,11 @@ mod tests {
         assert!(check_upstream("[::1]:27018").is_ok());
         assert!(check_upstream("mongo.internal:27018").is_ok());
         assert!(check_upstream("mongo.internal").is_err());
+        assert!(check_upstream("mongo.internal:0").is_err());
+        let e = check_upstream("127.0.0.1:0").unwrap_err();
+        assert!(e.contains("port 0") && e.contains("127.0.0.1:27018"), "{e}");
+        let e = check_upstream("[::1]:0").unwrap_err();
+        assert!(e.contains("[::1]:27018"), "{e}");
     }
 
     #[test]

@@ -10,14 +10,14 @@ use super::client::{self, REQUEST_TIMEOUT};
 use super::view::{Change, View};
 use crate::config::Store;
 use crate::metrics::metrics;
-use crate::reload::Reloader;
+use crate::reload::Reloads;
 use crate::state::Shared;
 use etcd_client::{Client, EventType, WatchOptions, WatchResponse};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// How long start-up waits for the first read before binding listeners.
@@ -148,7 +148,7 @@ enum End {
 
 struct Sync {
     shared: Arc<Shared>,
-    reloader: Arc<Mutex<Reloader>>,
+    reloads: Reloads,
     store: Store,
     view: View,
     /// A full read is due (never read yet, or the revision was compacted).
@@ -158,7 +158,7 @@ struct Sync {
 }
 
 /// Runs for the daemon's life: follows `[store]` as reloads change it.
-pub async fn run(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>, initial: Option<Initial>) {
+pub async fn run(shared: Arc<Shared>, reloads: Reloads, initial: Option<Initial>) {
     let (cache_tx, cache_rx) = watch::channel(None);
     tokio::spawn(write_cache(cache_rx));
     let mut generation = shared.generation.subscribe();
@@ -183,7 +183,7 @@ pub async fn run(shared: Arc<Shared>, reloader: Arc<Mutex<Reloader>>, initial: O
         };
         let sync = Sync {
             shared: shared.clone(),
-            reloader: reloader.clone(),
+            reloads: reloads.clone(),
             store,
             view,
             need_read,
@@ -366,7 +366,7 @@ impl Sync {
     /// One swap with the new entries, then gauges and the cache.
     async fn publish(&mut self) {
         let entries = Arc::new(self.view.entries());
-        self.reloader.lock().await.apply_store(entries).await;
+        self.reloads.apply_store(entries).await;
         self.update_gauges();
         self.save_cache();
     }

@@ -608,3 +608,110 @@ def test_explain_invalid_config_is_an_error(explain):
     res = explain(EXPLAIN.replace('cidr = "10.0.0.0/16"', 'cidr = "10.0.0.1/16"'), "orders", "10.0.3.4")
     assert res.code == 2, res.output
     assert LOC.search(res.output), res.output
+
+
+# --------------------------------------------------------------------------
+# moat check: the 2.1 additions (whole-internet ranges, listen addresses
+# that cannot be bound together, port 0)
+# --------------------------------------------------------------------------
+
+SG_LOC = re.compile(r"security-groups\.toml:(\d+):(\d+): warning")
+
+
+@pytest.mark.parametrize("member", ["0.0.0.0/0", "::/0", "::ffff:0.0.0.0/96"])
+def test_whole_internet_membership_entry_is_a_warning(check, member):
+    text = with_groups(BASE + SG_RULE.format(account="123456789012", group="sg-0a1b2c3d"))
+    members = SG_FILE.replace('"198.51.100.0/28"]', f'"198.51.100.0/28",\n  "{member}"]')
+    res = check(text, {"security-groups.toml": members})
+    assert_warning(res, "whole internet", re.escape(member))
+    line = line_of(members, f'"{member}"')
+    col = members.splitlines()[line - 1].find(f'"{member}"') + 1
+    assert (str(line), str(col)) in SG_LOC.findall(res.output), res.output
+
+
+@pytest.mark.parametrize("trusted", ["0.0.0.0/0", "::/0", "::ffff:0.0.0.0/96"])
+def test_whole_internet_proxy_trusted_range_is_a_warning(check, trusted):
+    text = BASE.replace('upstream = "127.0.0.1:27018"\n',
+                        f'upstream = "127.0.0.1:27018"\nproxy_protocol = {{ trusted = ["10.0.0.0/8", "{trusted}"] }}\n')
+    res = check(text)
+    assert_warning(res, "whole internet", "proxy_protocol")
+    line = line_of(text, "proxy_protocol")
+    col = text.splitlines()[line - 1].find(f'"{trusted}"') + 1
+    assert (line, col) in locations(res.output), res.output
+
+
+def second_deployment(listen: str) -> str:
+    return cfg(f"""
+        [[deployment]]
+        name = "billing"
+        listen = {listen}
+        upstream = "127.0.0.1:27020"
+
+        [[deployment.allow]]
+        cidr = "192.0.2.0/24"
+        """)
+
+
+@pytest.mark.parametrize("first,second,words", [
+    ('"[::]:27017"', '"127.0.0.1:27017"', ["dual-stack"]),
+    ('"127.0.0.1:27017"', '"[::]:27017"', ["dual-stack"]),
+    ('"0.0.0.0:27017"', '"127.0.0.1:27017"', ["every IPv4 address"]),
+    ('"[::]:27017"', '"[::1]:27017"', ["dual-stack"]),
+    ('"127.0.0.1:27017"', '"[::ffff:127.0.0.1]:27017"', ["IPv4 address 127.0.0.1"]),
+])
+def test_listen_addresses_that_cannot_be_bound_together(check, first, second, words):
+    text = BASE.replace('listen = "127.0.0.1:27017"', f"listen = {first}") + second_deployment(second)
+    res = check(text)
+    assert_error_at(res, text, f"listen = {second}", second, words=[*words, "another port", "orders"])
+
+
+@pytest.mark.parametrize("listen,words", [
+    ('["0.0.0.0:27017", "127.0.0.1:27017"]', ["every IPv4 address"]),
+    ('["[::]:27017", "[::1]:27017"]', ["dual-stack"]),
+    ('["[::]:27017", "0.0.0.0:27017", "[::1]:27017"]', ["every IPv6 address"]),
+])
+def test_listen_conflict_within_one_deployment(check, listen, words):
+    text = BASE.replace('listen = "127.0.0.1:27017"', f"listen = {listen}")
+    res = check(text)
+    assert_error_at(res, text, f"listen = {listen}", "[", words=words)
+
+
+@pytest.mark.parametrize("listen", [
+    '["[::]:27017", "0.0.0.0:27017"]',   # SPEC 3.1: [::] is then IPv6-only
+    '["[::1]:27017", "127.0.0.1:27017"]',
+    '["127.0.0.1:27017", "127.0.0.2:27017"]',
+])
+def test_listen_addresses_that_linux_binds_together(check, listen):
+    res = check(BASE.replace('listen = "127.0.0.1:27017"', f"listen = {listen}"))
+    assert res.code == 0, res.output
+
+
+def test_admin_listen_overlapping_a_listener(check):
+    text = BASE.replace('listen = "127.0.0.1:27017"', 'listen = "0.0.0.0:9911"')
+    res = check(text)
+    assert_error_at(res, text, "admin_listen", '"127.0.0.1:9911"', words=["admin_listen", "0.0.0.0:9911"])
+
+
+def test_run_refuses_what_check_refuses(tmp_path):
+    """`check` accepts nothing that `run` would refuse: the same error, and
+    nothing started."""
+    text = BASE.replace('listen = "127.0.0.1:27017"', 'listen = ["[::]:27017", "127.0.0.1:27017"]')
+    (tmp_path / "moat.toml").write_text(text)
+    res = run_moat(["run", "-c", str(tmp_path / "moat.toml")], cwd="/")
+    assert res.code == 1, res.output
+    line = line_of(text, 'listen = ["[::]:27017"')
+    assert any(l == line for l, _ in locations(res.output)), res.output
+    assert "dual-stack" in res.output
+
+
+@pytest.mark.parametrize("needle,replacement", [
+    ('listen = "127.0.0.1:27017"', 'listen = "127.0.0.1:0"'),
+    ('listen = "127.0.0.1:27017"', 'listen = ["127.0.0.1:27017", "[::]:0"]'),
+    ('upstream = "127.0.0.1:27018"', 'upstream = "127.0.0.1:0"'),
+    ('upstream = "127.0.0.1:27018"', 'upstream = "[::1]:0"'),
+])
+def test_port_zero_is_an_error(check, needle, replacement):
+    text = BASE.replace(needle, replacement)
+    value = replacement.split("= ", 1)[1]
+    res = check(text)
+    assert_error_at(res, text, replacement, value, words=["port 0"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -94,13 +95,13 @@ def moat(request, tmp_path):
     `config_path` lets a test choose where the config lives (ConfigMap)."""
     started: list[Moat] = []
 
-    def start(config_text: str, extra_files=None, config_path: Path | None = None) -> Moat:
+    def start(config_text: str, extra_files=None, config_path: Path | None = None, env=None) -> Moat:
         n = len(started)
         etc = tmp_path / f"etc{n}"
         logs = tmp_path / f"log{n}"
         etc.mkdir()
         logs.mkdir()
-        m = Moat(config_text, extra_files, directory=etc)
+        m = Moat(config_text, extra_files, directory=etc, env=env)
         m.stderr_path = logs / "moat.stderr"
         m.stdout_path = logs / "moat.stdout"
         if config_path is not None:
@@ -545,3 +546,174 @@ def test_reload_under_load_drops_nothing(moat, echo, ports):
     assert success >= 4, f"only {success} reloads happened during {writes[0]} writes"
     assert fails == 0
     assert m.running()
+
+
+# --------------------------------------------------------------------------
+# Every path to a file is watched; a reload never stalls (SPEC 3.9)
+# --------------------------------------------------------------------------
+
+
+def test_trigger_config_directory_replaced_by_rename(moat, echo, ports, tmp_path):
+    """`mv conf conf.old; mv conf.new conf`: the directory moat read from is
+    gone from the path; the swap is noticed, the revoked source's open
+    connection closed, and the next swap (of the new directory) as well."""
+    port, admin = ports(2)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    first = cfg(port, echo.address, ("127.0.0.2", "127.0.0.3"), admin=admin)
+    (conf / "moat.toml").write_text(first)
+    m = moat(first, config_path=conf / "moat.toml")
+    revoked = connect_from("127.0.0.3", port)
+    echo_on(revoked, b"before the swap")
+    for n, allow in enumerate([("127.0.0.2",), ("127.0.0.2", "127.0.0.4")]):
+        new = tmp_path / f"conf.new{n}"
+        new.mkdir()
+        (new / "moat.toml").write_text(cfg(port, echo.address, allow, admin=admin))
+        t0 = time.monotonic()
+        os.rename(conf, tmp_path / f"conf.old{n}")
+        os.rename(new, conf)
+        if n == 0:
+            assert wait_closed(revoked, timeout=ENFORCE_TIMEOUT) in ("eof", "reset")
+            record("config directory replaced by rename", t0)
+            revoked.close()
+            assert_refused(port, "127.0.0.3")
+        else:
+            wait_admitted(port, "127.0.0.4", "second directory swap", t0)
+    # An edit inside the directory now in place is seen too.
+    t0 = time.monotonic()
+    write_in_place(conf / "moat.toml", cfg(port, echo.address, ("127.0.0.5",), admin=admin))
+    wait_admitted(port, "127.0.0.5", "edit in the swapped-in directory", t0)
+    assert m.metric("moat_config_last_reload_successful") == 1
+
+
+def test_trigger_symlinked_parent_switched(moat, echo, ports, tmp_path):
+    """`current -> releases/rN` two levels above the config file (and its
+    membership file, relative to it), switched by rename and by `ln -sfn`."""
+    port, admin = ports(2)
+
+    def release(n: int, allow, members) -> None:
+        d = tmp_path / "releases" / f"r{n}" / "moat"
+        d.mkdir(parents=True)
+        (d / "moat.toml").write_text(sg_config(port, echo.address, admin, allow))
+        (d / "sg.toml").write_text(sg_file(members))
+
+    release(1, ("127.0.0.2", "127.0.0.3"), ["192.0.2.1"])
+    os.symlink("releases/r1", tmp_path / "current")
+    path = tmp_path / "current" / "moat" / "moat.toml"
+    m = moat(path.read_text(), config_path=path)
+    revoked = connect_from("127.0.0.3", port)
+    echo_on(revoked, b"before the switch")
+    release(2, ("127.0.0.2",), ["192.0.2.1"])
+    t0 = time.monotonic()
+    os.symlink("releases/r2", tmp_path / "current.tmp")
+    os.rename(tmp_path / "current.tmp", tmp_path / "current")
+    assert wait_closed(revoked, timeout=ENFORCE_TIMEOUT) in ("eof", "reset")
+    record("symlinked parent switched (rename)", t0)
+    revoked.close()
+    assert_refused(port, "127.0.0.3")
+    # `ln -sfn` (not atomic on every coreutils) and a membership change
+    # that only the new release's sg.toml carries.
+    release(3, ("127.0.0.2",), ["192.0.2.1", "127.0.0.4"])
+    t0 = time.monotonic()
+    subprocess.run(["ln", "-sfn", "releases/r3", "current"], cwd=tmp_path, check=True)
+    wait_admitted(port, "127.0.0.4", "symlinked parent switched (ln -sfn)", t0)
+    # and the membership file of the release now in force is watched
+    t0 = time.monotonic()
+    write_rename(tmp_path / "releases" / "r3" / "moat" / "sg.toml", sg_file(["127.0.0.5"]))
+    wait_admitted(port, "127.0.0.5", "membership file in the switched release", t0)
+    assert m.metric("moat_config_last_reload_successful") == 1
+
+
+SG_TABLE = '[security_groups]\nfile = "sg.toml"\n\n'
+SG_RULE = ('[[deployment.allow]]\naws_account = "123456789012"\nsecurity_group = "sg-0a1b2c3d"\n'
+           'description = "web tier"\n')
+
+
+def sg_file(members) -> str:
+    return ('[[group]]\naws_account = "123456789012"\nid = "sg-0a1b2c3d"\nmembers = ['
+            + ", ".join(f'"{x}"' for x in members) + "]\n")
+
+
+def sg_config(port: int, upstream: str, admin: int, allow=("127.0.0.2",), extra_rules: str = "") -> str:
+    return cfg(port, upstream, allow, admin=admin, extra_rules=extra_rules, extra=SG_RULE).replace(
+        "[[deployment]]", SG_TABLE + "[[deployment]]", 1)
+
+
+def threads_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_reload_blocked_on_a_fifo_fails_in_bounded_time(moat, echo, ports, tmp_path):
+    """The membership file becomes a FIFO nobody writes: that reload fails
+    after 10 s (logged, counted), while rule expiry, admission and /metrics
+    carry on; reloads tried while it is still a FIFO fail without piling up
+    blocked threads; a valid file put back applies; shutdown is not held."""
+    port, admin = ports(2)
+    expires = time.time() + 8.0
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(expires)) + f".{int(expires % 1 * 1000):03d}Z"
+    expiring = f'[[deployment.allow]]\ncidr = "127.0.0.3"\nexpires = "{stamp}"\n\n'
+    m = moat(sg_config(port, echo.address, admin, extra_rules=expiring),
+             {"sg.toml": sg_file(["192.0.2.1"])})
+    assert try_echo(port, "127.0.0.3")
+    fails = reloads(m, "failure")
+    fifo = m.dir / "sg.fifo"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    os.replace(fifo, m.dir / "sg.toml")
+    # The expiry instant passes while the load is blocked: it applies on time.
+    wait_until(lambda: not try_echo(port, "127.0.0.3"), max(0.0, expires - time.time()) + 3.0,
+               interval=0.05, what="the expired rule refused while a reload is blocked")
+    assert reloads(m, "failure") == fails, "the blocked reload ended before the expiry instant"
+    assert try_echo(port, "127.0.0.2"), "admission stalled by a blocked reload"
+    m.wait_metric("moat_config_reloads_total", lambda v: v >= fails + 1, timeout=15.0, result="failure")
+    took = time.monotonic() - t0
+    assert 9.0 <= took <= 14.0, f"the blocked reload failed after {took:.1f}s, not about 10s"
+    assert m.metric("moat_config_last_reload_successful") == 0
+    m.wait_stderr(r"reload refused.*10s")
+    m.wait_stderr(re.escape(str(m.dir / "sg.toml")))
+    # More reloads while it is still a FIFO: they fail (fast), and the
+    # blocked read is not joined by another thread each time.
+    threads = threads_of(m.pid)
+    for i in range(3):
+        before = reloads(m, "failure")
+        m.reload()
+        m.wait_metric("moat_config_reloads_total", lambda v: v >= before + 1, timeout=15.0, result="failure")
+    assert threads_of(m.pid) <= threads + 2, f"threads grew from {threads} to {threads_of(m.pid)}"
+    # A valid file put back: applied.
+    t0 = time.monotonic()
+    write_rename(m.dir / "sg.toml", sg_file(["127.0.0.4"]))
+    wait_admitted(port, "127.0.0.4", "valid membership file after a FIFO", t0)
+    assert m.metric("moat_config_last_reload_successful") == 1
+    # SIGTERM: the abandoned read does not hold the exit.
+    assert m.stop(timeout=15.0) == 0
+
+
+def test_big_reload_does_not_stall_admission(moat, echo, ports):
+    """A membership file of 300,000 members takes a second or more to load
+    and compile (debug build); new connections are served at their usual
+    speed meanwhile. The runtime gets a single worker thread (as on a busy
+    host where every worker is taken): a reload that read or compiled on a
+    worker would stall every connection for its whole length."""
+    port, admin = ports(2)
+    m = moat(sg_config(port, echo.address, admin), {"sg.toml": sg_file(["192.0.2.1"])},
+             env={"TOKIO_WORKER_THREADS": "1"})
+    members = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(300_000)] + ["127.0.0.4"]
+    big = sg_file(members)
+    ok0 = reloads(m)
+    lat: list[float] = []
+    during: list[float] = []
+    write_rename(m.dir / "sg.toml", big)
+    deadline = time.monotonic() + 60.0
+    while reloads(m) < ok0 + 1:
+        assert time.monotonic() < deadline, "the big reload did not finish in 60 s"
+        t = time.monotonic()
+        assert try_echo(port, "127.0.0.2", timeout=10.0)
+        lat.append(time.monotonic() - t)
+        during.append(t)
+        time.sleep(0.02)
+    assert try_echo(port, "127.0.0.4")
+    lat.sort()
+    print(f"\n[big reload] {len(lat)} connections during the reload; "
+          f"median {lat[len(lat) // 2] * 1000:.1f} ms, max {lat[-1] * 1000:.1f} ms")
+    assert lat[-1] < 0.5, f"a connection waited {lat[-1] * 1000:.0f} ms during the reload"
+    assert len(lat) >= 10, f"the reload was too quick to measure ({len(lat)} samples)"

@@ -14,7 +14,9 @@ moto does not paginate DescribeNetworkInterfaces (it ignores MaxResults and
 never returns a NextToken: moto/ec2/responses/elastic_network_interfaces.py),
 so pagination is tested against `PagingEc2`, a threaded http.server that
 answers DescribeNetworkInterfaces in the real EC2 XML format, a few
-interfaces a page, honouring NextToken.
+interfaces a page, honouring NextToken. It also checks each request's SigV4
+signature against botocore's, and sees which credentials signed it (the
+role of `accounts`, assumed through moto's STS).
 
 Timing: `refresh = "5s"` (the minimum moat allows); every wait polls with a
 deadline of a few refreshes (CONVERGE), nothing sleeps to synchronise.
@@ -211,11 +213,12 @@ def world(moto_session) -> Ec2World:
 
 
 def config(admin: int, port: int, upstream: str, endpoint: str, groups: list[str], *,
-           file: str | None = None, server_extra: str = "") -> str:
+           file: str | None = None, server_extra: str = "", role_arn: str | None = None) -> str:
     sg = "[security_groups]\n"
     if file:
         sg += f'file = "{file}"\n'
-    sg += f'aws = {{ region = "{REGION}", refresh = "{REFRESH}", endpoint = "{endpoint}" }}\n\n'
+    accounts = f', accounts = {{ "{ACCOUNT}" = {{ role_arn = "{role_arn}" }} }}' if role_arn else ""
+    sg += f'aws = {{ region = "{REGION}", refresh = "{REFRESH}", endpoint = "{endpoint}"{accounts} }}\n\n'
     rules = "".join(f'[[deployment.allow]]\naws_account = "{ACCOUNT}"\nsecurity_group = "{g}"\n'
                     f'description = "group {g}"\n\n' for g in groups)
     return (server(admin, server_extra) + sg
@@ -508,6 +511,40 @@ def _interface_xml(i: int, group: str, primary: str, secondary=(), ipv6=()) -> s
     )
 
 
+class Signature:
+    """The SigV4 signature of one request, and whether botocore (an
+    independent SigV4 implementation) computes the same one from the request
+    as received, when the secret key is known (the static test credentials)."""
+
+    SECRETS = {"testing": "testing"}
+
+    def __init__(self, access_key: str, token: str | None, valid: bool | None):
+        self.access_key, self.token, self.valid = access_key, token, valid
+
+    @classmethod
+    def of(cls, handler: BaseHTTPRequestHandler, body: str) -> "Signature":
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.credentials import Credentials
+        auth = handler.headers.get("Authorization", "")
+        m = re.match(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/ec2/aws4_request, "
+                     r"SignedHeaders=([a-z0-9;-]+), Signature=([0-9a-f]{64})$", auth)
+        if not m:
+            return cls("", None, False)
+        key, _day, region, signed, signature = m.groups()
+        token = handler.headers.get("X-Amz-Security-Token")
+        secret = cls.SECRETS.get(key)
+        if secret is None or region != REGION:
+            return cls(key, token, None if secret is None else False)
+        headers = {h: handler.headers[h] for h in signed.split(";")}
+        req = AWSRequest(method="POST", url=f"http://{headers['host']}{handler.path}", data=body.encode(),
+                         headers=headers)
+        req.context["timestamp"] = headers["x-amz-date"]
+        signer = SigV4Auth(Credentials(key, secret, token), "ec2", REGION)
+        expected = signer.signature(signer.string_to_sign(req, signer.canonical_request(req)), req)
+        return cls(key, token, expected == signature)
+
+
 class PagingEc2:
     """DescribeNetworkInterfaces, `page_size` interfaces a page, NextToken
     "page-2", "page-3", ...; `fail_page` (1-based) answers HTTP 500.
@@ -519,6 +556,7 @@ class PagingEc2:
         self.page_size = page_size
         self.fail_page: int | None = None
         self.requests: list[dict[str, str]] = []
+        self.signatures: list[Signature] = []
         self.lock = threading.Lock()
         outer = self
 
@@ -530,6 +568,8 @@ class PagingEc2:
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n).decode()
                 params = {k: v[0] for k, v in urllib.parse.parse_qs(body, keep_blank_values=True).items()}
+                with outer.lock:
+                    outer.signatures.append(Signature.of(self, body))
                 status, xml = outer.answer(params)
                 data = xml.encode()
                 self.send_response(status)
@@ -618,9 +658,33 @@ def test_all_pages_are_members(moat, echo, ports, paging_ec2, aws_env):
     wait_members(m, PAGED_GROUP, 11)  # 9 primaries + 1 secondary + 1 IPv6
     assert {None, "page-2", "page-3"} <= api.tokens_seen(), api.requests
     assert all(r.get("MaxResults") for r in api.requests), api.requests
+    with api.lock:
+        sigs = list(api.signatures)
+    assert sigs and all(s.access_key == "testing" and s.token is None for s in sigs)
+    assert all(s.valid for s in sigs), "a request's SigV4 signature is not the one botocore computes"
     for src in ("127.0.200.10", "127.0.200.14", "127.0.200.18", "127.0.200.30"):  # pages 1, 2, 3, a secondary
         assert_echoes(port, src, f"paged member {src}".encode())
     assert refused(port, "127.0.200.19")
+
+
+def test_account_role_is_assumed_through_sts(moat, echo, ports, moto_session, paging_ec2, aws_env):
+    """A group of an account listed in `accounts` is read with the role's
+    temporary credentials, obtained from STS (moto's) with AssumeRole: the EC2
+    requests carry the assumed access key and its session token."""
+    role = f"arn:aws:iam::{ACCOUNT}:role/moat-reader"
+    api = paging_ec2(PAGED_GROUP, [("127.0.202.10", [], []), ("127.0.202.11", [], [])])
+    port, admin = ports(2)
+    env = {**aws_env, "AWS_ENDPOINT_URL_STS": moto_session.url}
+    m = moat(config(admin, port, echo.address, api.url, [PAGED_GROUP], role_arn=role), env=env)
+    wait_members(m, PAGED_GROUP, 2)
+    assert_echoes(port, "127.0.202.11", b"member read with the assumed role")
+    with api.lock:
+        sigs = list(api.signatures)
+    assert sigs, api.requests
+    for s in sigs:
+        assert s.access_key and s.access_key != "testing", "EC2 was called with the default credentials"
+        assert s.token, "temporary credentials without their session token"
+        assert s.valid is not False
 
 
 def test_failed_page_keeps_previous_members(moat, echo, ports, paging_ec2, aws_env):

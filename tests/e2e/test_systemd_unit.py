@@ -39,11 +39,20 @@ def test_exposure_score_at_most_2():
 def test_unit_contract():
     s = unit_settings()
     assert s["Type"] == ["notify"]
-    assert s["ExecStartPre"] == ["/usr/local/bin/moat check -c /etc/moat/moat.toml"]
-    assert s["ExecStart"] == ["/usr/local/bin/moat run -c /etc/moat/moat.toml"]
+    assert s["ExecStartPre"] == ["/usr/bin/moat check -c /etc/moat/moat.toml"]
+    assert s["ExecStart"] == ["/usr/bin/moat run -c /etc/moat/moat.toml"]
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert "WatchdogSec" in s and "Restart" in s
     assert s["LimitNOFILE"] == ["1048576"]
     assert s["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
     stop = s["TimeoutStopSec"][0]
     assert int(stop.rstrip("s")) > 30, "TimeoutStopSec must exceed shutdown_grace (30s)"
+
+
+def test_runs_as_the_packaged_system_user():
+    """The Debian package's postinst creates the system user `moat`; the unit
+    runs as it (not a dynamic user) so keys can be 0640 root:moat."""
+    s = unit_settings()
+    assert s["User"] == ["moat"] and s["Group"] == ["moat"]
+    assert "DynamicUser" not in s
+    assert s["ReadOnlyPaths"] == ["/etc/moat"]
