@@ -269,7 +269,7 @@ impl Sync {
                             invalid,
                             "fleet store read in full"
                         );
-                        self.publish().await;
+                        self.publish(None).await;
                     }
                     Err(e) => return (End::Broken(e), live),
                 }
@@ -341,12 +341,7 @@ impl Sync {
                 }
             }
             if self.apply(&batch) {
-                self.publish().await;
-                tracing::debug!(
-                    revision = self.view.revision,
-                    elapsed_us = arrived.elapsed().as_micros() as u64,
-                    "fleet store change applied"
-                );
+                self.publish(Some(arrived)).await;
             }
         }
     }
@@ -364,9 +359,17 @@ impl Sync {
     }
 
     /// One swap with the new entries, then gauges and the cache.
-    async fn publish(&mut self) {
+    /// `arrived`: when the change came in (logged: how long it took).
+    async fn publish(&mut self, arrived: Option<Instant>) {
         let entries = Arc::new(self.view.entries());
         self.reloads.apply_store(entries).await;
+        if let Some(t) = arrived {
+            tracing::debug!(
+                revision = self.view.revision,
+                elapsed_us = t.elapsed().as_micros() as u64,
+                "fleet store change applied"
+            );
+        }
         self.update_gauges();
         self.save_cache();
     }
