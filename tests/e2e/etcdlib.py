@@ -47,14 +47,19 @@ def etcd_bin() -> str | None:
 class Etcd:
     """One etcd member on 127.0.0.1: `client_url` for moat, the JSON API for the test."""
 
-    def __init__(self, data_dir: Path | None = None):
+    def __init__(self, data_dir: Path | None = None, tls=None):
+        """`tls`: (CertAuthority, server Issued, client Issued) for https with
+        client-certificate authentication; the test's own calls present the
+        client certificate too."""
         exe = etcd_bin()
         if exe is None:
             raise FileNotFoundError("etcd is not installed (apt-get install etcd-server); ./test.sh installs it")
         self.exe = exe
         self.dir = Path(data_dir or tempfile.mkdtemp(prefix="moat-etcd-"))
         self.client_port, self.peer_port = free_ports(2)
-        self.client_url = f"http://127.0.0.1:{self.client_port}"
+        self.tls = tls
+        scheme = "https" if tls else "http"
+        self.client_url = f"{scheme}://127.0.0.1:{self.client_port}"
         self.proc: subprocess.Popen | None = None
         self.log_path = self.dir / "etcd.log"
 
@@ -68,11 +73,18 @@ class Etcd:
              "--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", f"moat-test={peer}", "--initial-cluster-state", "new",
-             "--logger", "zap", "--log-outputs", "stderr"],
+             "--logger", "zap", "--log-outputs", "stderr", *self._tls_flags()],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, start_new_session=True,
         )
         wait_until(self._healthy, timeout, interval=0.05, what="etcd to answer")
         return self
+
+    def _tls_flags(self) -> list[str]:
+        if not self.tls:
+            return []
+        ca, server, _ = self.tls
+        return ["--cert-file", str(server.cert_path), "--key-file", str(server.key_path),
+                "--client-cert-auth", "--trusted-ca-file", str(ca.cert_path)]
 
     def _healthy(self) -> bool:
         if self.proc.poll() is not None:
@@ -107,7 +119,13 @@ class Etcd:
 
     # -- the v3 JSON API -------------------------------------------------------
     def call(self, path: str, body: dict, timeout: float = 5.0) -> dict:
-        conn = http.client.HTTPConnection("127.0.0.1", self.client_port, timeout=timeout)
+        if self.tls:
+            from moatlib import ssl_client_context
+            ca, _, client = self.tls
+            conn = http.client.HTTPSConnection("127.0.0.1", self.client_port, timeout=timeout,
+                                               context=ssl_client_context(ca, client))
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.client_port, timeout=timeout)
         try:
             conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
             resp = conn.getresponse()
@@ -264,3 +282,36 @@ def wait_refused(port: int, src: str, timeout: float = 5.0) -> float:
             s.close()
     wait_until(refused, timeout, interval=0.01, what=f"{src} to be refused on {port}")
     return time.monotonic() - t0
+
+
+def etcd_server_cert(ca, name: str = "etcd"):
+    """A certificate for etcd's client port, usable for both server and client
+    authentication: etcd 3.4's JSON gateway dials etcd itself with it."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from moatlib import Issued, _new_key, _san, cert_pem, key_pem
+    key = _new_key("ec")
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_san(["localhost", "127.0.0.1"])), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    cert_path, key_path = ca.dir / f"{name}.pem", ca.dir / f"{name}-key.pem"
+    cert_path.write_bytes(cert_pem(cert) + cert_pem(ca.cert))
+    key_path.write_bytes(key_pem(key))
+    key_path.chmod(0o600)
+    return Issued(cert, key, cert_path, key_path)

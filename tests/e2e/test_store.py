@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from etcdlib import Etcd, Relay, wait_admitted, wait_refused
+from etcdlib import Etcd, Relay, etcd_server_cert, wait_admitted, wait_refused
 from moatlib import (TEST_NET_1, assert_echoes, connect_from, free_port, recv_exactly,
                      stays_false, wait_until)
 
@@ -366,3 +366,48 @@ def test_user_and_password(moat, echo, etcd, ports, tmp_path):
         "cache = ", 'username = "host1", password_file = "etcd-password", cache = ')
     moat(cfg, extra_files=extra_files)
     assert_echoes(port, "127.0.0.2")
+
+
+def test_tls_with_a_client_certificate(moat, echo, certs, ports):
+    """etcd on https with --client-cert-auth: moat presents `cert` + `key` and trusts `ca`."""
+    port = ports()
+    server = etcd_server_cert(certs)
+    client = certs.issue("etcd-client", [], client=True, cn="db1")
+    etcd = Etcd(tls=(certs, server, client))
+    try:
+        etcd.start()
+        etcd.put(key("orders", "a"), {"cidrBlock": "127.0.0.2"})
+        cfg = store_config(port, echo, etcd.client_url).replace(
+            "cache = ", f'ca = "{certs.cert_path}", cert = "{client.cert_path}", '
+                        f'key = "{client.key_path}", cache = ')
+        moat(cfg)
+        assert_echoes(port, "127.0.0.2")
+        etcd.put(key("orders", "b"), {"cidrBlock": "127.0.0.3"})
+        wait_admitted(port, "127.0.0.3")
+    finally:
+        etcd.cleanup()
+
+
+def test_store_added_and_removed_by_a_reload(moat, echo, etcd, ports):
+    port, admin = ports(2)
+    etcd.put(key("orders", "a"), {"cidrBlock": "127.0.0.2"})
+    plain = f"""
+        [server]
+        admin_listen = "127.0.0.1:{admin}"
+
+        [[deployment]]
+        name = "orders"
+        listen = "127.0.0.1:{port}"
+        upstream = "{echo.address}"
+        [[deployment.allow]]
+        cidr = "127.0.0.4"
+    """
+    m = moat(plain)
+    wait_refused(port, "127.0.0.2", timeout=1)
+    m.write_config(store_config(port, echo, etcd.client_url, admin=admin,
+                                allow='[[deployment.allow]]\ncidr = "127.0.0.4"'))
+    wait_admitted(port, "127.0.0.2", timeout=5)
+    assert_echoes(port, "127.0.0.4")
+    m.write_config(plain)
+    wait_refused(port, "127.0.0.2", timeout=5)
+    assert_echoes(port, "127.0.0.4")
