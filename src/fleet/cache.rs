@@ -76,7 +76,10 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     );
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Only moat's user reads it: it maps the fleet's access lists.
         let mut f = std::fs::OpenOptions::new()
+            .mode(0o600)
             .write(true)
             .create(true)
             .truncate(true)
