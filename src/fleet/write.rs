@@ -101,9 +101,15 @@ impl Writer {
     /// The deployment's valid entries, read consistently.
     pub async fn list(&self, deployment: &str) -> Result<Listing, WriteError> {
         let mut c = self.client().await?;
-        let (revision, kvs) = client::read_prefix(&mut c, &self.folder(deployment))
-            .await
-            .map_err(WriteError::Unreachable)?;
+        let read = client::read_prefix(&mut c, &self.folder(deployment)).await;
+        let (revision, kvs) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                // Dial again next time (etcd restarted, another runtime).
+                *self.client.lock().await = None;
+                return Err(WriteError::Unreachable(e));
+            }
+        };
         let entries = kvs
             .into_iter()
             .filter_map(|kv| {
@@ -403,5 +409,65 @@ mod tests {
             w.list("orders").await,
             Err(WriteError::Unreachable(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::super::testing::Etcd;
+    use super::*;
+
+    /// A write, then this host's snapshot: the entry is enforced once the
+    /// store revision it made is applied.
+    #[test]
+    fn the_cli_path_writes_and_a_snapshot_enforces_it() {
+        let etcd = Etcd::start();
+        let store = etcd.store("/t/");
+        let w = Writer::new(&store);
+        let v = serde_json::from_str::<Entry>(r#"{"cidrBlock":"10.1.0.0/16","comment":"ops"}"#)
+            .unwrap()
+            .validate(None)
+            .unwrap();
+        let (written, listing) = super::super::block_on(async {
+            let written = w.add("orders", std::slice::from_ref(&v)).await?;
+            Ok((written, w.list("orders").await?))
+        })
+        .unwrap();
+        let revision = written.revision.unwrap();
+        assert_eq!(listing.entries.len(), 1);
+        assert!(listing.revision >= revision);
+
+        let mut view = super::super::View::new("/t/");
+        view.replace_all(
+            listing.revision,
+            listing.entries.iter().map(|s| {
+                (
+                    s.key.clone().into_bytes(),
+                    serde_json::to_vec(&s.entry).unwrap(),
+                )
+            }),
+        );
+        let cfg = crate::config::load_bytes(
+            std::path::Path::new("/nonexistent/moat.toml"),
+            b"[store]\netcd = { endpoints = [\"http://127.0.0.1:1\"] }\n[[deployment]]\nname = \"orders\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\n",
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        let snap = crate::snapshot::Snapshot::compile(
+            std::sync::Arc::new(cfg),
+            Default::default(),
+            std::sync::Arc::new(view.entries()),
+            std::time::SystemTime::now(),
+        );
+        assert!(snap.store.revision >= revision);
+        assert!(super::super::enforces(
+            &snap,
+            "orders",
+            &listing.entries[0].entry
+        ));
+        let other: Entry =
+            serde_json::from_str(r#"{"cidrBlock":"10.1.0.0/16","comment":"other"}"#).unwrap();
+        assert!(!super::super::enforces(&snap, "orders", &other));
+        assert_eq!(snap.compiled[0].table.prefixes(), 1);
     }
 }
