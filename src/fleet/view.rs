@@ -52,7 +52,10 @@ pub struct View {
     root: String,
     /// The etcd revision this view reflects (0: never read).
     pub revision: i64,
-    deployments: BTreeMap<String, Deployment>,
+    /// Shared with the clones handed to the cache writer: a clone of the
+    /// view costs one reference per deployment, and a change copies only
+    /// the deployment it touches, and only while the writer still holds it.
+    deployments: BTreeMap<String, Arc<Deployment>>,
 }
 
 /// Splits `{root}{name}/accessList/{entry}` into the deployment's name and
@@ -111,7 +114,7 @@ impl View {
             self.put(&key, &value);
         }
         for d in self.deployments.values_mut() {
-            d.rebuild();
+            Arc::make_mut(d).rebuild();
         }
         self.revision = revision;
     }
@@ -129,6 +132,7 @@ impl View {
         }
         for name in &touched {
             if let Some(d) = self.deployments.get_mut(name) {
+                let d = Arc::make_mut(d);
                 d.rebuild();
                 if d.keys.is_empty() {
                     self.deployments.remove(name);
@@ -154,11 +158,8 @@ impl View {
             raw: String::from_utf8_lossy(value).into_owned(),
             rule,
         };
-        self.deployments
-            .entry(name.to_string())
-            .or_default()
-            .keys
-            .insert(entry.to_string(), stored);
+        let d = self.deployments.entry(name.to_string()).or_default();
+        Arc::make_mut(d).keys.insert(entry.to_string(), stored);
         Some(name.to_string())
     }
 
@@ -166,7 +167,10 @@ impl View {
         let key = String::from_utf8_lossy(key);
         let (name, entry) = split_key(&self.root, &key)?;
         let d = self.deployments.get_mut(name)?;
-        d.keys.remove(entry).map(|_| name.to_string())
+        Arc::make_mut(d)
+            .keys
+            .remove(entry)
+            .map(|_| name.to_string())
     }
 
     /// The valid entries, for a snapshot to compile.
