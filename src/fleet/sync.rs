@@ -244,6 +244,8 @@ impl Sync {
             if now.as_ref() != Some(&self.store) {
                 return true;
             }
+            // A reload may have added or removed deployments.
+            self.update_gauges();
         }
     }
 
