@@ -209,6 +209,15 @@ pub enum KeyRef {
     Group(String),
 }
 
+impl fmt::Display for KeyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyRef::Cidr(n) => write!(f, "{n}"),
+            KeyRef::Group(g) => f.write_str(g),
+        }
+    }
+}
+
 impl KeyRef {
     pub fn matches(&self, key: &EntryKey) -> bool {
         match (self, key) {

@@ -1,19 +1,24 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, on its own thread
-//! and runtime so that neither a connection flood nor a slow scraper can
-//! stall admission (nor the other way round).
+//! The admin listener: `/metrics`, `/healthz`, `/readyz` (unauthenticated,
+//! for scrapers and probes), served by axum on its own thread and runtime so
+//! that neither a connection flood nor a slow scraper can stall admission
+//! (nor the other way round).
 
 use crate::conn::Phase;
 use crate::state::Shared;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
-/// A request must arrive whole within this long and this many bytes.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-const REQUEST_MAX: usize = 8 * 1024;
+/// Admin connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 64;
 
 /// Binds the admin address now (so a bad address fails start-up) and serves
 /// it on a thread of its own.
@@ -34,11 +39,21 @@ pub fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<()> {
                     Ok(l) => l,
                     Err(e) => return tracing::error!(error = %e, "admin listener failed"),
                 };
+                let router = router(shared);
+                let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
                 loop {
-                    if let Ok((s, _)) = listener.accept().await {
-                        tokio::spawn(serve(s, shared.clone()));
-                    } else {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    let Ok(permit) = slots.clone().acquire_owned().await else {
+                        return;
+                    };
+                    match listener.accept().await {
+                        Ok((s, _)) => {
+                            let router = router.clone();
+                            tokio::spawn(async move {
+                                crate::api::http::serve(s, router).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                     }
                 }
             });
@@ -46,65 +61,35 @@ pub fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn serve(mut s: TcpStream, shared: Arc<Shared>) {
-    let mut buf = Vec::with_capacity(1024);
-    let path = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut s, &mut buf)).await {
-        Ok(Some(p)) => p,
-        _ => return,
-    };
-    let (status, ctype, body): (&str, &str, Vec<u8>) = match path.as_str() {
-        "/metrics" => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            crate::metrics::render(),
-        ),
-        "/healthz" => ("200 OK", "text/plain", b"ok\n".to_vec()),
-        "/readyz" => {
-            let ready =
-                shared.ready.load(Ordering::Acquire) && *shared.phase.borrow() == Phase::Running;
-            if ready {
-                ("200 OK", "text/plain", b"ready\n".to_vec())
-            } else {
-                (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    b"not ready\n".to_vec(),
-                )
-            }
-        }
-        _ => (
-            "404 Not Found",
-            "text/plain",
-            b"not found; try /metrics, /healthz or /readyz\n".to_vec(),
-        ),
-    };
-    let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-    let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
-        s.write_all(head.as_bytes()).await?;
-        s.write_all(&body).await?;
-        s.shutdown().await
-    })
-    .await;
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "not found; try /metrics, /healthz or /readyz\n",
+            )
+        })
+        .with_state(shared)
 }
 
-/// Reads a request head; returns its path for a GET (or HEAD), else None.
-async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = s.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(buf) {
-            Ok(httparse::Status::Complete(_)) => {
-                let path = req.path?.split('?').next()?.to_string();
-                return matches!(req.method, Some("GET") | Some("HEAD")).then_some(path);
-            }
-            Ok(httparse::Status::Partial) if buf.len() < REQUEST_MAX => continue,
-            _ => return None,
-        }
+async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(),
+    )
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let ready = shared.ready.load(Ordering::Acquire) && *shared.phase.borrow() == Phase::Running;
+    if ready {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
     }
 }

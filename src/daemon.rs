@@ -90,6 +90,14 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
             return 1;
         }
     }
+    // Asked by the API after a write: reload now, without the watcher's settle.
+    let reload_now = Arc::new(tokio::sync::Notify::new());
+    if let Some(api) = &config.api {
+        if let Err(e) = crate::api::start(api.listen, path, shared.clone(), reload_now.clone()) {
+            tracing::error!("cannot serve [api] listen {}: {e}", api.listen);
+            return 1;
+        }
+    }
     reload::mark_success();
     shared.ready.store(true, Ordering::Release);
     crate::systemd::ready();
@@ -106,6 +114,15 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
     tokio::spawn(reload::summarise_refusals(shared.clone()));
     tokio::spawn(crate::groups::refresh_loop(shared.clone(), reloads.clone()));
     tokio::spawn(crate::fleet::run(shared.clone(), reloads.clone(), store));
+    {
+        let reloads = reloads.clone();
+        tokio::spawn(async move {
+            loop {
+                reload_now.notified().await;
+                reloads.reload(false, "API write").await;
+            }
+        });
+    }
     {
         let reloads = reloads.clone();
         tokio::spawn(async move {

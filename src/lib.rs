@@ -6,9 +6,11 @@ pub mod access;
 pub mod addr;
 pub mod admin;
 pub mod admission;
+pub mod api;
 pub mod classify;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod daemon;
 #[cfg(feature = "aws")]
 pub mod ec2;

@@ -1,4 +1,5 @@
-//! The `moat` command line: `run`, `check`, `explain`, `--version`.
+//! The `moat` command line: `run`, `check`, `explain`, `access-list`,
+//! `connections`, `plan`, `api-key`, `--version`.
 
 use clap::{Parser, Subcommand};
 use moat::admission::admit;
@@ -57,6 +58,139 @@ enum Command {
         /// The client address.
         ip: String,
     },
+    /// List or edit a deployment's access list where it is stored (works with no daemon running).
+    AccessList {
+        #[command(subcommand)]
+        action: AccessAction,
+    },
+    /// List the running daemon's live connections (through its API).
+    Connections {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this deployment's connections.
+        #[arg(long, value_name = "NAME")]
+        deployment: Option<String>,
+        /// Print the API's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running daemon what a new config file would change; applies nothing.
+    Plan {
+        /// The candidate config file.
+        #[arg(short = 'c', long = "config", value_name = "NEW_FILE")]
+        config: PathBuf,
+        /// Print the API's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage API keys.
+    ApiKey {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+}
+
+#[derive(clap::Args)]
+struct Target {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The deployment whose access list this is.
+    #[arg(long, value_name = "NAME")]
+    deployment: String,
+}
+
+#[derive(Subcommand)]
+enum AccessAction {
+    /// Print the deployment's own entries.
+    List {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON, as the API's GET answers.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add an entry (or replace the one with the same CIDR or group).
+    Add {
+        #[command(flatten)]
+        target: Target,
+        /// A CIDR, a bare address, or an sg-… id (with --aws-account).
+        entry: String,
+        #[arg(long, value_name = "TEXT")]
+        comment: Option<String>,
+        /// RFC 3339 instant at which the entry stops matching.
+        #[arg(long, value_name = "RFC3339")]
+        delete_after: Option<String>,
+        /// The account of a security group (12 digits).
+        #[arg(long, value_name = "ID")]
+        aws_account: Option<String>,
+    },
+    /// Remove the entry with this CIDR or security-group id.
+    Remove {
+        #[command(flatten)]
+        target: Target,
+        entry: String,
+    },
+    /// Copy another deployment's own entries (those missing here).
+    Copy {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, value_name = "OTHER")]
+        from: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Print a new random key once, and the [[key]] block for the keys file.
+    New {
+        /// Shown in audit logs.
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["read", "write"])]
+        role: String,
+        /// A deployment the key may see (repeat for more); default all.
+        #[arg(long, value_name = "NAME")]
+        deployment: Vec<String>,
+    },
+}
+
+/// The config of the running daemon: `$MOAT_CONFIG`, else the one given.
+fn running_config(given: &std::path::Path) -> PathBuf {
+    std::env::var_os("MOAT_CONFIG")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| given.to_path_buf())
+}
+
+fn access_list(action: AccessAction) -> i32 {
+    use moat::control::cli;
+    match action {
+        AccessAction::List { target, json } => {
+            cli::list(&target.config.path(), &target.deployment, json)
+        }
+        AccessAction::Add {
+            target,
+            entry,
+            comment,
+            delete_after,
+            aws_account,
+        } => cli::add(
+            &target.config.path(),
+            &target.deployment,
+            cli::NewEntry {
+                entry,
+                comment,
+                delete_after,
+                aws_account,
+            },
+        ),
+        AccessAction::Remove { target, entry } => {
+            cli::remove(&target.config.path(), &target.deployment, &entry)
+        }
+        AccessAction::Copy { target, from } => {
+            cli::copy(&target.config.path(), &target.deployment, &from)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -69,6 +203,27 @@ fn main() -> ExitCode {
             deployment,
             ip,
         } => explain(&config.path(), &deployment, &ip),
+        Command::AccessList { action } => access_list(action),
+        Command::Connections {
+            config,
+            deployment,
+            json,
+        } => moat::control::cli::connections(
+            &running_config(&config.path()),
+            deployment.as_deref(),
+            json,
+        ),
+        Command::Plan { config, json } => {
+            moat::control::cli::plan(&running_config(&config), &config, json)
+        }
+        Command::ApiKey {
+            action:
+                KeyAction::New {
+                    name,
+                    role,
+                    deployment,
+                },
+        } => moat::control::cli::new_key(&name, &role, &deployment),
     };
     ExitCode::from(code as u8)
 }
@@ -158,6 +313,7 @@ fn clone_for_summary(c: &Config) -> Config {
         limits: c.limits.clone(),
         security_groups: c.security_groups.clone(),
         store: c.store.clone(),
+        api: c.api.clone(),
         deployments: c.deployments.clone(),
         listeners: c.listeners.clone(),
         files: c.files.clone(),

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub last_reload_successful: IntGauge,
     pub last_reload_success_timestamp: Gauge,
     pub store: StoreMetrics,
+    /// Access-list API requests by route template, method and status code.
+    pub api_requests: IntCounterVec,
 }
 
 /// The fleet store's gauges (SPEC 7).
@@ -199,6 +201,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
                 &["deployment"],
             ),
         },
+        api_requests: counter(
+            "moat_api_requests_total",
+            "Access-list API requests by route template, method and status code.",
+            &["route", "method", "code"],
+        ),
         registry: r,
     }
 });

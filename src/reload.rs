@@ -566,7 +566,13 @@ pub async fn expire_rules(shared: Arc<Shared>, reloads: Reloads) {
         });
         tokio::select! {
             _ = async { match wait { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {
-                reloads.recompile(None, "rule expired").await;
+                // Not published (shutdown began): wait for a new generation
+                // rather than retrying the past instant every few ms.
+                if !reloads.recompile(None, "rule expired").await
+                    && generation.changed().await.is_err()
+                {
+                    return;
+                }
             }
             r = generation.changed() => if r.is_err() { return },
         }
@@ -584,5 +590,81 @@ pub async fn summarise_refusals(shared: Arc<Shared>) {
                 tracing::info!(deployment = %s.name, suppressed = n, "{n} more refused connections not logged");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn mkfifo(path: &std::path::Path) {
+        let ok = std::process::Command::new("mkfifo").arg(path).status();
+        assert!(ok.expect("mkfifo runs").success());
+    }
+
+    /// A load stuck on a FIFO fails at its deadline (paused time runs to it
+    /// at once) and counts a failure; a recompile asked for meanwhile is
+    /// served first, never queued behind it; a later reload of a fixed file
+    /// applies.
+    #[tokio::test(start_paused = true)]
+    async fn a_blocked_load_fails_at_its_deadline_without_holding_recompiles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("moat.toml");
+        let sg = dir.path().join("sg.toml");
+        let members = |m: &str| {
+            format!("[[group]]\naws_account = \"123456789012\"\nid = \"sg-0a1b2c3d\"\nmembers = [\"{m}\"]\n")
+        };
+        std::fs::write(&sg, members("192.0.2.1")).unwrap();
+        std::fs::write(&path, "[security_groups]\nfile = \"sg.toml\"\n\n[[deployment]]\nname = \"d\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:27018\"\n\n[[deployment.allow]]\naws_account = \"123456789012\"\nsecurity_group = \"sg-0a1b2c3d\"\n").unwrap();
+        let config = Arc::new(config::load(&path, SystemTime::now()).unwrap());
+        let snap = Snapshot::compile(config, Arc::default(), SystemTime::now());
+        let shared = Shared::new(build_live(snap, &[]));
+        let reloads = Reloads::start(Reloader::new(shared.clone(), path, Listeners::default()));
+        let failures = || metrics().reloads.with_label_values(&["failure"]).get();
+        let before = failures();
+        let fifo = dir.path().join("sg.fifo");
+        mkfifo(&fifo);
+        std::fs::rename(&fifo, &sg).unwrap();
+
+        let order = AtomicUsize::new(0);
+        let (reloaded, recompiled) = tokio::join!(
+            async {
+                let r = reloads.reload(false, "test: FIFO").await;
+                (r, order.fetch_add(1, Ordering::SeqCst))
+            },
+            async {
+                tokio::task::yield_now().await;
+                let r = reloads.recompile(None, "test: expiry").await;
+                (r, order.fetch_add(1, Ordering::SeqCst))
+            }
+        );
+        assert_eq!(
+            recompiled,
+            (true, 0),
+            "the recompile waited for the blocked load"
+        );
+        assert_eq!(reloaded, (false, 1));
+        assert!(failures() > before);
+        assert_eq!(metrics().last_reload_successful.get(), 0);
+
+        // Fixed: the next reload applies (a real read: real time from here).
+        tokio::time::resume();
+        std::fs::write(dir.path().join("sg.new"), members("10.0.0.0/8")).unwrap();
+        std::fs::rename(dir.path().join("sg.new"), &sg).unwrap();
+        assert!(reloads.reload(false, "test: fixed").await);
+        let live = shared.live.load();
+        assert!(live.snap.compiled[0].table.prefixes() == 1);
+        assert_eq!(
+            live.snap
+                .config
+                .security_groups
+                .members
+                .values()
+                .next()
+                .unwrap()[0]
+                .to_string(),
+            "10.0.0.0/8"
+        );
     }
 }

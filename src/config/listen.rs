@@ -103,14 +103,15 @@ fn conflict_message(
 }
 
 impl Validator<'_> {
-    /// Errors for listen addresses (and `admin_listen`) that cannot all be
-    /// bound at once. Each pair is reported once, at the later address.
+    /// Errors for listen addresses (and the other sockets of the file:
+    /// `admin_listen`, `[api] listen`) that cannot all be bound at once.
+    /// Each pair is reported once, at the later address.
     pub(super) fn listen_conflicts(
         &mut self,
         raw: &[Spanned<RawDeployment>],
         deps: &[Deployment],
         specs: &[ListenerSpec],
-        admin: Option<(SocketAddr, &Spanned<String>)>,
+        others: &[(&str, SocketAddr, &Spanned<String>)],
     ) {
         for (j, b) in specs.iter().enumerate() {
             let Some(&bd) = b.deployments.first() else {
@@ -128,16 +129,23 @@ impl Validator<'_> {
                 }
             }
         }
-        let Some((addr, at)) = admin else { return };
-        for s in specs {
-            let Some(&d) = s.deployments.first() else {
-                continue;
-            };
-            // The admin socket is bound like a listener, dual-stack.
-            if bind_conflict(s.addr, s.v6_only, addr, false) {
-                let other = format!("listen address of deployment \"{}\"", deps[d].name);
-                let msg = conflict_message("admin_listen", addr, false, &other, s.addr, s.v6_only);
-                self.err(at, msg);
+        // Those sockets are bound like a listener, dual-stack.
+        for (i, &(what, addr, at)) in others.iter().enumerate() {
+            for s in specs {
+                let Some(&d) = s.deployments.first() else {
+                    continue;
+                };
+                if bind_conflict(s.addr, s.v6_only, addr, false) {
+                    let other = format!("listen address of deployment \"{}\"", deps[d].name);
+                    let msg = conflict_message(what, addr, false, &other, s.addr, s.v6_only);
+                    self.err(at, msg);
+                }
+            }
+            for &(other, o, _) in &others[..i] {
+                if bind_conflict(o, false, addr, false) {
+                    let msg = conflict_message(what, addr, false, other, o, false);
+                    self.err(at, msg);
+                }
             }
         }
     }
@@ -228,15 +236,28 @@ mod tests {
                 if (a, av6) == (b, bv6) {
                     continue;
                 }
-                // A free port: bind the first socket on port 0, reuse its port.
-                let Ok(first) = crate::listener::bind(SocketAddr::new(a.parse().unwrap(), 0), av6)
-                else {
+                // A free port: bind the first socket on port 0, reuse its
+                // port. Another test's socket may hold that port for the
+                // second address: a refusal the model does not predict is
+                // retried on fresh ports before it counts.
+                let mut outcome = None;
+                for _ in 0..10 {
+                    let any = SocketAddr::new(a.parse().unwrap(), 0);
+                    let Ok(first) = crate::listener::bind(any, av6) else {
+                        continue;
+                    };
+                    let port = first.local_addr().unwrap().port();
+                    let aa = SocketAddr::new(a.parse().unwrap(), port);
+                    let bb = SocketAddr::new(b.parse().unwrap(), port);
+                    let refused = crate::listener::bind(bb, bv6).is_err();
+                    outcome = Some((aa, bb, refused));
+                    if refused == bind_conflict(aa, av6, bb, bv6) {
+                        break;
+                    }
+                }
+                let Some((aa, bb, refused)) = outcome else {
                     continue;
                 };
-                let port = first.local_addr().unwrap().port();
-                let aa = SocketAddr::new(a.parse().unwrap(), port);
-                let bb = SocketAddr::new(b.parse().unwrap(), port);
-                let refused = crate::listener::bind(bb, bv6).is_err();
                 assert_eq!(
                     bind_conflict(aa, av6, bb, bv6),
                     refused,
@@ -300,11 +321,17 @@ mod tests {
 
     /// What `check`, `run` and reloads all see: `config::load`.
     fn load_errors(listens: &[&str], admin: Option<&str>) -> Vec<String> {
+        load_errors_with(listens, admin, "")
+    }
+
+    fn load_errors_with(listens: &[&str], admin: Option<&str>, head: &str) -> Vec<String> {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("keys.toml"), "").unwrap();
         let mut text = String::new();
         if let Some(a) = admin {
             text += &format!("[server]\nadmin_listen = \"{a}\"\n\n");
         }
+        text += head;
         for (i, l) in listens.iter().enumerate() {
             text += &format!("[[deployment]]\nname = \"d{i}\"\nlisten = {l}\nupstream = \"127.0.0.1:27018\"\n[[deployment.allow]]\ncidr = \"10.0.0.0/8\"\n\n");
         }
@@ -343,6 +370,25 @@ mod tests {
             "{e:?}"
         );
         assert!(load_errors(&["\"0.0.0.0:7000\""], Some("127.0.0.1:7001")).is_empty());
+    }
+
+    #[test]
+    fn api_listen_is_a_socket_of_the_file() {
+        let api = "[api]\nlisten = \"127.0.0.1:7000\"\nkeys = \"keys.toml\"\n\n";
+        let e = load_errors_with(&["\"0.0.0.0:7000\""], None, api);
+        assert!(
+            e.len() == 1 && e[0].contains("[api] listen 127.0.0.1:7000") && e[0].contains(":2:10"),
+            "{e:?}"
+        );
+        let e = load_errors_with(&["\"127.0.0.1:7001\""], Some("[::]:7000"), api);
+        assert!(
+            e.len() == 1
+                && e[0].contains("[api] listen")
+                && e[0].contains("admin_listen")
+                && e[0].contains("dual-stack"),
+            "{e:?}"
+        );
+        assert!(load_errors_with(&["\"127.0.0.1:7001\""], Some("127.0.0.1:7002"), api).is_empty());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! every problem of the files with its place. Start-up, `moat check`,
 //! `moat explain` and reloads all go through [`load`].
 
+pub mod api;
 mod diag;
 pub mod files;
 mod groups;
@@ -12,6 +13,7 @@ mod store;
 mod validate;
 pub mod values;
 
+pub use api::{Api, ApiKey, Role};
 pub use diag::{ConfigError, Diagnostic, Severity};
 pub use listen::bind_conflict;
 pub use store::{Secret, Store, StoreTls, DEFAULT_PREFIX};
@@ -33,6 +35,8 @@ pub struct Config {
     pub security_groups: SecurityGroups,
     /// `[store] etcd`: the fleet store of access-list entries (SPEC 7).
     pub store: Option<Store>,
+    /// `[api]`: the access-list API, if configured.
+    pub api: Option<Api>,
     pub deployments: Vec<Deployment>,
     /// Each distinct listen address and the deployments served on it.
     pub listeners: Vec<ListenerSpec>,

@@ -11,6 +11,7 @@ pub struct RawConfig {
     pub server: Option<RawServer>,
     pub limits: Option<RawLimits>,
     pub security_groups: Option<RawSecurityGroups>,
+    pub api: Option<Spanned<RawApi>>,
     pub store: Option<RawStore>,
     #[serde(default)]
     pub deployment: Vec<Spanned<RawDeployment>>,
@@ -133,6 +134,39 @@ pub struct RawGroup {
     pub id: Spanned<String>,
     #[serde(default)]
     pub members: Vec<Spanned<String>>,
+}
+
+/// `[api]`: the access-list API (SPEC 6).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    pub listen: Spanned<String>,
+    pub tls: Option<Spanned<RawApiTls>>,
+    pub keys: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiTls {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+}
+
+/// The API keys file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeys {
+    #[serde(default)]
+    pub key: Vec<Spanned<RawKey>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    pub name: Spanned<String>,
+    pub sha256: Spanned<String>,
+    pub role: Spanned<String>,
+    pub deployments: Option<Vec<Spanned<String>>>,
 }
 
 /// `[store]`: the fleet store (SPEC 7).

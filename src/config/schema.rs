@@ -128,6 +128,7 @@ pub const CONFIG: Schema = Schema {
             }),
             false,
         ),
+        ("api", Ty::Table(&API), false),
         (
             "store",
             Ty::Table(&Schema {
@@ -152,6 +153,40 @@ const ETCD: Schema = Schema {
         ("cert", Ty::Str, false),
         ("key", Ty::Str, false),
     ],
+};
+
+const API: Schema = Schema {
+    what: "[api]",
+    keys: &[
+        ("listen", Ty::Str, true),
+        (
+            "tls",
+            Ty::Table(&Schema {
+                what: "[api] tls",
+                keys: &[("cert", Ty::Str, true), ("key", Ty::Str, true)],
+            }),
+            false,
+        ),
+        ("keys", Ty::Str, true),
+    ],
+};
+
+/// The API keys file (SPEC 6.1).
+pub const KEYS: Schema = Schema {
+    what: "the top level",
+    keys: &[(
+        "key",
+        Ty::Tables(&Schema {
+            what: "[[key]]",
+            keys: &[
+                ("name", Ty::Str, true),
+                ("sha256", Ty::Str, true),
+                ("role", Ty::Str, true),
+                ("deployments", Ty::StrList, false),
+            ],
+        }),
+        false,
+    )],
 };
 
 pub const MEMBERSHIP: Schema = Schema {

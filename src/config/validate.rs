@@ -58,9 +58,24 @@ pub fn load_bytes(path: &Path, bytes: &[u8], now: SystemTime) -> Result<Config, 
     let store = v.store(raw.store.as_ref());
     let deployments = v.deployments(&raw.deployment, &limits, &security_groups, store.is_some());
     let listeners = v.listeners(&raw.deployment, &deployments);
+    let api = raw.api.as_ref().and_then(|a| {
+        let names: Vec<&str> = deployments.iter().map(|d| d.name.as_str()).collect();
+        v.api(a, &names)
+    });
+    // The other sockets of the file, bound dual-stack like a listener.
     let admin = raw.server.as_ref().and_then(|s| s.admin_listen.as_ref());
-    let admin = server.admin_listen.zip(admin);
-    v.listen_conflicts(&raw.deployment, &deployments, &listeners, admin);
+    let admin = server
+        .admin_listen
+        .zip(admin)
+        .map(|(a, at)| ("admin_listen", a, at));
+    let api_at = raw.api.as_ref().map(|a| &a.get_ref().listen);
+    let api_listen = api
+        .as_ref()
+        .map(|a| a.listen)
+        .zip(api_at)
+        .map(|(a, at)| ("[api] listen", a, at));
+    let others: Vec<_> = admin.into_iter().chain(api_listen).collect();
+    v.listen_conflicts(&raw.deployment, &deployments, &listeners, &others);
     if raw.deployment.is_empty() && report.errors.is_empty() {
         // Also what a truncated file looks like: never take every listener down for it.
         report.error(&src, 0..0, "the config defines no [[deployment]]; moat would serve nothing (add one, see config/moat.toml)");
@@ -74,6 +89,7 @@ pub fn load_bytes(path: &Path, bytes: &[u8], now: SystemTime) -> Result<Config, 
             limits,
             security_groups,
             store,
+            api,
             deployments,
             listeners,
             files,

@@ -1,0 +1,31 @@
+//! Serving one HTTP/1.1 connection with hyper under the bounds both the API
+//! and the admin endpoint keep: a request head must arrive within 10 s and
+//! fit in 16 KiB, or the connection is closed.
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A request (head, then body) must arrive within this long.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request heads larger than this are refused (431).
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// Serves `router` on `io` until the client closes or a bound is hit.
+pub async fn serve<S>(io: S, router: Router)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(router);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(true);
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
+        tracing::debug!(error = %e, "HTTP connection ended");
+    }
+}

@@ -1,0 +1,123 @@
+//! Where access-list entries live, behind one interface the API and the CLI
+//! use without knowing the backend: the config file today (`FileStore`); the
+//! fleet store (etcd, SPEC 7) is another variant of [`Store`].
+
+use super::edit::{Edited, FileStore};
+use crate::access::{Entry, KeyRef, ValidEntry};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::sync::Arc;
+
+/// A deployment's own entries and the tag that changes when they do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    pub entries: Vec<Entry>,
+    /// A strong entity tag, quotes included.
+    pub etag: String,
+}
+
+/// Why a read or an edit failed. Each maps to one HTTP status and one exit.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("there is no deployment named \"{0}\"")]
+    UnknownDeployment(String),
+    #[error("there is no deployment named \"{0}\" to copy from")]
+    UnknownSource(String),
+    #[error("deployment \"{deployment}\" has no access-list entry {entry}")]
+    NoEntry { deployment: String, entry: String },
+    #[error("deployment \"{0}\" has plan = \"shared\": it admits every source and takes no access-list entries")]
+    SharedPlan(String),
+    #[error(
+        "the access list changed since it was read (its ETag is now {0}); read it again and retry"
+    )]
+    Changed(String),
+    #[error("the change makes the configuration invalid; nothing was written")]
+    Rejected(Vec<String>),
+    #[error("the config file cannot be written here ({0}); change it at its source")]
+    ReadOnly(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// The entity tag of a list of entries: a hash of their normalised JSON.
+pub fn etag(entries: &[Entry]) -> String {
+    let json = serde_json::to_vec(entries).unwrap_or_default();
+    let hash = Sha256::digest(&json);
+    let hex: String = hash[..12].iter().map(|b| format!("{b:02x}")).collect();
+    format!("\"{hex}\"")
+}
+
+/// The access-list store in use.
+#[derive(Clone)]
+pub enum Store {
+    File(Arc<FileStore>),
+}
+
+/// Runs blocking file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Io(format!("the edit did not finish: {e}"))))
+}
+
+impl Store {
+    /// Entries kept in the config file at `path`.
+    pub fn file(path: &Path) -> Store {
+        Store::File(Arc::new(FileStore::new(path)))
+    }
+
+    pub async fn list(&self, deployment: &str) -> Result<Listing, StoreError> {
+        match self {
+            Store::File(f) => {
+                let (f, d) = (f.clone(), deployment.to_string());
+                blocking(move || f.list(&d)).await
+            }
+        }
+    }
+
+    pub async fn add(
+        &self,
+        deployment: &str,
+        entries: Vec<ValidEntry>,
+        if_match: Option<String>,
+    ) -> Result<Edited, StoreError> {
+        match self {
+            Store::File(f) => {
+                let (f, d) = (f.clone(), deployment.to_string());
+                blocking(move || f.add(&d, &entries, if_match.as_deref())).await
+            }
+        }
+    }
+
+    pub async fn remove(
+        &self,
+        deployment: &str,
+        key: KeyRef,
+        if_match: Option<String>,
+    ) -> Result<(Edited, Entry), StoreError> {
+        match self {
+            Store::File(f) => {
+                let (f, d) = (f.clone(), deployment.to_string());
+                blocking(move || f.remove(&d, &key, if_match.as_deref())).await
+            }
+        }
+    }
+
+    pub async fn copy(
+        &self,
+        deployment: &str,
+        from: &str,
+        if_match: Option<String>,
+    ) -> Result<Edited, StoreError> {
+        match self {
+            Store::File(f) => {
+                let (f, d, from) = (f.clone(), deployment.to_string(), from.to_string());
+                blocking(move || f.copy(&d, &from, if_match.as_deref())).await
+            }
+        }
+    }
+}
