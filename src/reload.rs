@@ -618,7 +618,7 @@ mod tests {
         std::fs::write(&sg, members("192.0.2.1")).unwrap();
         std::fs::write(&path, "[security_groups]\nfile = \"sg.toml\"\n\n[[deployment]]\nname = \"d\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:27018\"\n\n[[deployment.allow]]\naws_account = \"123456789012\"\nsecurity_group = \"sg-0a1b2c3d\"\n").unwrap();
         let config = Arc::new(config::load(&path, SystemTime::now()).unwrap());
-        let snap = Snapshot::compile(config, Arc::default(), SystemTime::now());
+        let snap = Snapshot::compile(config, Arc::default(), Arc::default(), SystemTime::now());
         let shared = Shared::new(build_live(snap, &[]));
         let reloads = Reloads::start(Reloader::new(shared.clone(), path, Listeners::default()));
         let failures = || metrics().reloads.with_label_values(&["failure"]).get();

@@ -411,3 +411,91 @@ def test_store_added_and_removed_by_a_reload(moat, echo, etcd, ports):
     m.write_config(plain)
     wait_refused(port, "127.0.0.2", timeout=5)
     assert_echoes(port, "127.0.0.4")
+
+
+API_KEY = "fleet-test-key-0123456789abcdef"
+
+
+def api_config(port: int, api: int, echo, etcd: Etcd) -> tuple[str, dict]:
+    import hashlib
+    digest = hashlib.sha256(API_KEY.encode()).hexdigest()
+    keys = f'[[key]]\nname = "portal"\nsha256 = "{digest}"\nrole = "write"\n'
+    cfg = store_config(port, echo, etcd.client_url, extra="") + f"""
+[api]
+listen = "127.0.0.1:{api}"
+keys = "api-keys.toml"
+"""
+    return cfg, {"api-keys.toml": keys}
+
+
+def api_call(api: int, method: str, path: str, body=None) -> tuple[int, bytes]:
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", api, timeout=10)
+    try:
+        conn.request(method, "/api/v1" + path, json.dumps(body) if body is not None else None,
+                     {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def test_api_writes_go_to_etcd_and_answer_once_enforced(moat, echo, etcd, ports, tmp_path):
+    port, api, other_port = ports(3)
+    cfg, files = api_config(port, api, echo, etcd)
+    host = moat(cfg, extra_files=files, directory=tmp_path / "a")
+    other = moat(store_config(other_port, echo, etcd.client_url), directory=tmp_path / "b")
+    before = host.config_path.read_bytes()
+
+    status, body = api_call(api, "POST", "/deployments/orders/accessList",
+                            [{"cidrBlock": "127.0.0.2", "comment": "laptop"}])
+    assert status == 201, body
+    assert json.loads(body)["results"] == [{"cidrBlock": "127.0.0.2/32", "comment": "laptop"}]
+    # In force on this host when the API answers: no polling.
+    assert_echoes(port, "127.0.0.2")
+    stored = etcd.keys("/moat/deployments/orders/accessList/")
+    assert [json.loads(v) for v in stored.values()] == [{"cidrBlock": "127.0.0.2/32", "comment": "laptop"}]
+    wait_admitted(other_port, "127.0.0.2", timeout=2)
+    assert host.config_path.read_bytes() == before  # the file is never written
+
+    status, body = api_call(api, "GET", "/deployments/orders/accessList/127.0.0.2%2F32/status")
+    assert (status, json.loads(body)) == (200, {"status": "ACTIVE"})
+    # A portal's direct write shows up in the API's list.
+    etcd.put(key("orders", "portal-made"), {"cidrBlock": "127.0.0.5"})
+    wait_admitted(port, "127.0.0.5")
+    status, body = api_call(api, "GET", "/deployments/orders/accessList")
+    assert status == 200 and json.loads(body)["totalCount"] == 2
+
+    status, body = api_call(api, "DELETE", "/deployments/orders/accessList/127.0.0.2%2F32")
+    assert status == 204, body
+    wait_refused(port, "127.0.0.2", timeout=0.5)
+    wait_refused(other_port, "127.0.0.2", timeout=2)
+    assert etcd.keys("/moat/deployments/orders/accessList/").keys() == {key("orders", "portal-made")}
+    status, _ = api_call(api, "DELETE", "/deployments/orders/accessList/127.0.0.2%2F32")
+    assert status == 404
+
+
+def test_cli_writes_reach_other_hosts(moat, echo, etcd, ports, tmp_path):
+    from moatlib import run_moat
+    port, other_port = ports(2)
+    cli_dir = tmp_path / "cli"
+    cli_dir.mkdir()
+    cfg = cli_dir / "moat.toml"
+    cfg.write_text(store_config(free_port(), echo, etcd.client_url))
+    before = cfg.read_bytes()
+    moat(store_config(other_port, echo, etcd.client_url), directory=tmp_path / "host")
+
+    r = run_moat(["access-list", "add", "-c", str(cfg), "--deployment", "orders", "127.0.0.3",
+                  "--comment", "from the cli"])
+    assert r.code == 0, r.output
+    # The command returned once etcd accepted the write: it is stored.
+    assert etcd.keys("/moat/deployments/orders/accessList/")
+    wait_admitted(other_port, "127.0.0.3", timeout=2)
+    r = run_moat(["access-list", "list", "-c", str(cfg), "--deployment", "orders"])
+    assert r.code == 0 and "127.0.0.3/32" in r.stdout and "from the cli" in r.stdout
+    r = run_moat(["access-list", "remove", "-c", str(cfg), "--deployment", "orders", "127.0.0.3"])
+    assert r.code == 0, r.output
+    wait_refused(other_port, "127.0.0.3", timeout=2)
+    r = run_moat(["access-list", "remove", "-c", str(cfg), "--deployment", "orders", "127.0.0.3"])
+    assert r.code == 1
+    assert cfg.read_bytes() == before
