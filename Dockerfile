@@ -8,6 +8,10 @@
 # ---- build ------------------------------------------------------------------
 FROM rust:1-bookworm AS build
 WORKDIR /src
+# protoc and the well-known .proto files: etcd-client's build script needs them.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
+ && rm -rf /var/lib/apt/lists/*
 # Dependencies first, so that a source change does not refetch them.
 COPY Cargo.toml Cargo.lock ./
 RUN cargo fetch --locked

@@ -27,6 +27,12 @@ if command -v python3 >/dev/null 2>&1; then
 else
   missing+=(python3-venv)
 fi
+# Fleet store (SPEC 7): a real etcd for the tests, and protoc (with the
+# well-known .proto files) for the etcd-client crate's build script.
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing: ${missing[*]}"
   sudo=()

@@ -63,7 +63,16 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
         }
     };
     let config = Arc::new(config);
-    let snap = Snapshot::compile(config.clone(), Arc::default(), SystemTime::now());
+    // The fleet store's entries are in force before any listener is bound.
+    let store = match &config.store {
+        Some(s) => Some(crate::fleet::start(s).await),
+        None => None,
+    };
+    let entries = store
+        .as_ref()
+        .map(|s| Arc::new(s.view.entries()))
+        .unwrap_or_default();
+    let snap = Snapshot::compile(config.clone(), Arc::default(), entries, SystemTime::now());
     let live = reload::build_live(snap, &[]);
     reload::update_gauges(&live);
     let shared = Shared::new(live);
@@ -104,6 +113,7 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
     tokio::spawn(reload::expire_rules(shared.clone(), reloads.clone()));
     tokio::spawn(reload::summarise_refusals(shared.clone()));
     tokio::spawn(crate::groups::refresh_loop(shared.clone(), reloads.clone()));
+    tokio::spawn(crate::fleet::run(shared.clone(), reloads.clone(), store));
     {
         let reloads = reloads.clone();
         tokio::spawn(async move {

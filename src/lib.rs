@@ -14,6 +14,7 @@ pub mod control;
 pub mod daemon;
 #[cfg(feature = "aws")]
 pub mod ec2;
+pub mod fleet;
 pub mod forward;
 pub mod groups;
 pub mod listener;

@@ -253,6 +253,7 @@ fn summary(c: &Config) -> String {
     let snap = Snapshot::compile(
         Arc::new(clone_for_summary(c)),
         Arc::default(),
+        Arc::default(),
         SystemTime::now(),
     );
     let mut out = String::new();
@@ -283,6 +284,9 @@ fn summary(c: &Config) -> String {
             listen.join(", "),
             d.upstream
         );
+    }
+    if let Some(s) = &c.store {
+        let _ = writeln!(out, "store: etcd {} prefix \"{}\" (entries are read by `moat run`; check does not contact etcd)", s.endpoints.join(", "), s.prefix);
     }
     let _ = writeln!(out, "listeners: {}", c.listeners.len());
     for l in &c.listeners {
@@ -318,6 +322,7 @@ fn clone_for_summary(c: &Config) -> Config {
         server: c.server.clone(),
         limits: c.limits.clone(),
         security_groups: c.security_groups.clone(),
+        store: c.store.clone(),
         api: c.api.clone(),
         deployments: c.deployments.clone(),
         listeners: c.listeners.clone(),
@@ -378,7 +383,24 @@ fn explain(path: &std::path::Path, deployment: &str, ip: &str) -> i32 {
     };
     let ip = moat::addr::canonical(ip);
     let resolved = Arc::new(resolve_groups(&config));
-    let snap = Snapshot::compile(Arc::new(config), resolved, SystemTime::now());
+    // With a fleet store: the entries the daemon last applied (its cache).
+    let store = config
+        .store
+        .as_ref()
+        .and_then(|s| {
+            Some(
+                moat::fleet::cache::load(s.cache.as_ref()?, &s.prefix)
+                    .ok()?
+                    .entries(),
+            )
+        })
+        .unwrap_or_default();
+    let snap = Snapshot::compile(
+        Arc::new(config),
+        resolved,
+        Arc::new(store),
+        SystemTime::now(),
+    );
     let Some(index) = snap.deployment_index(deployment) else {
         let names: Vec<&str> = snap
             .config

@@ -56,8 +56,17 @@ pub struct Metrics {
     pub group_refreshes: IntCounterVec,
     pub last_reload_successful: IntGauge,
     pub last_reload_success_timestamp: Gauge,
+    pub store: StoreMetrics,
     /// Access-list API requests by route template, method and status code.
     pub api_requests: IntCounterVec,
+}
+
+/// The fleet store's gauges (SPEC 7).
+pub struct StoreMetrics {
+    pub connected: IntGauge,
+    pub revision: IntGauge,
+    pub entries: IntGaugeVec,
+    pub invalid: IntGaugeVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -164,6 +173,34 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             )
             .unwrap(),
         ),
+        store: StoreMetrics {
+            connected: register(
+                &r,
+                IntGauge::new(
+                    "moat_store_connected",
+                    "1 while the fleet store's watch is live.",
+                )
+                .unwrap(),
+            ),
+            revision: register(
+                &r,
+                IntGauge::new(
+                    "moat_store_revision",
+                    "The etcd revision of the last read or watch event applied.",
+                )
+                .unwrap(),
+            ),
+            entries: gauge(
+                "moat_store_entries",
+                "Valid access-list entries in the fleet store now.",
+                &["deployment"],
+            ),
+            invalid: gauge(
+                "moat_store_invalid_entries",
+                "Fleet-store keys whose value is not a valid entry.",
+                &["deployment"],
+            ),
+        },
         api_requests: counter(
             "moat_api_requests_total",
             "Access-list API requests by route template, method and status code.",

@@ -14,7 +14,7 @@
 use crate::config::{self, Config, ConfigError};
 use crate::listener::Listeners;
 use crate::metrics::metrics;
-use crate::snapshot::{GroupMembers, Snapshot};
+use crate::snapshot::{GroupMembers, Snapshot, StoreEntries};
 use crate::state::{DeploymentState, Live, Shared};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -133,6 +133,8 @@ enum Request {
     },
     Recompile {
         resolved: Option<Arc<GroupMembers>>,
+        /// New fleet-store entries (SPEC 7); None keeps those in force.
+        store: Option<Arc<StoreEntries>>,
         /// Only if this config is still the one in force.
         only_for: Option<Arc<Config>>,
         why: &'static str,
@@ -180,7 +182,14 @@ impl Reloads {
     /// with new security-group members, without reading files; returns
     /// once it is published.
     pub async fn recompile(&self, resolved: Option<Arc<GroupMembers>>, why: &'static str) -> bool {
-        self.ask_recompile(resolved, None, why).await
+        self.ask_recompile(resolved, None, None, why).await
+    }
+
+    /// Publishes the fleet store's entries (SPEC 7): one swap, revocation
+    /// included, but not a config reload. Returns once it is published.
+    pub async fn apply_store(&self, entries: Arc<StoreEntries>) -> bool {
+        self.ask_recompile(None, Some(entries), None, STORE_CHANGE)
+            .await
     }
 
     /// Applies EC2 members resolved under `config`, unless a reload replaced
@@ -188,6 +197,7 @@ impl Reloads {
     pub async fn apply_groups(&self, config: &Arc<Config>, resolved: GroupMembers) -> bool {
         self.ask_recompile(
             Some(Arc::new(resolved)),
+            None,
             Some(config.clone()),
             "security groups refreshed",
         )
@@ -197,12 +207,14 @@ impl Reloads {
     async fn ask_recompile(
         &self,
         resolved: Option<Arc<GroupMembers>>,
+        store: Option<Arc<StoreEntries>>,
         only_for: Option<Arc<Config>>,
         why: &'static str,
     ) -> bool {
         let (done, rx) = oneshot::channel();
         let sent = self.tx.send(Request::Recompile {
             resolved,
+            store,
             only_for,
             why,
             done,
@@ -275,11 +287,12 @@ impl Reloader {
                 }
                 Request::Recompile {
                     resolved,
+                    store,
                     only_for,
                     why,
                     done,
                 } => {
-                    let published = self.recompile(resolved, only_for, why).await;
+                    let published = self.recompile(resolved, store, only_for, why).await;
                     let _ = done.send(published);
                 }
                 Request::Stop(done) => {
@@ -399,7 +412,13 @@ impl Reloader {
             }
             None => GroupMembers::new(),
         };
-        let Some(snap) = compile(Arc::new(cfg), Arc::new(resolved)).await else {
+        // Fleet-store entries carry over while a store is configured (its
+        // task resyncs when the settings change).
+        let store = match cfg.store {
+            Some(_) => current.snap.store.clone(),
+            None => Arc::default(),
+        };
+        let Some(snap) = compile(Arc::new(cfg), Arc::new(resolved), store).await else {
             tracing::error!(
                 trigger = why,
                 "reload refused, running config kept: compiling the rules failed"
@@ -431,6 +450,7 @@ impl Reloader {
     async fn recompile(
         &mut self,
         resolved: Option<Arc<GroupMembers>>,
+        store: Option<Arc<StoreEntries>>,
         only_for: Option<Arc<Config>>,
         why: &'static str,
     ) -> bool {
@@ -445,7 +465,8 @@ impl Reloader {
             }
         }
         let resolved = resolved.unwrap_or_else(|| current.snap.resolved.clone());
-        let Some(snap) = compile(current.snap.config.clone(), resolved).await else {
+        let store = store.unwrap_or_else(|| current.snap.store.clone());
+        let Some(snap) = compile(current.snap.config.clone(), resolved, store).await else {
             tracing::error!(
                 trigger = why,
                 "compiling the rules failed; the rules in force are kept"
@@ -457,7 +478,11 @@ impl Reloader {
             return false;
         };
         self.shared.publish(live);
-        tracing::info!(trigger = why, "rules recompiled");
+        if why == STORE_CHANGE {
+            tracing::debug!(trigger = why, "rules recompiled");
+        } else {
+            tracing::info!(trigger = why, "rules recompiled");
+        }
         true
     }
 }
@@ -482,11 +507,20 @@ async fn wait(pending: &mut Option<Pending>) -> Outcome {
     }
 }
 
+/// The trigger of fleet-store changes (logged at debug: one per write).
+const STORE_CHANGE: &str = "fleet store change";
+
 /// Compiles off the runtime's workers (a big table takes a while).
-async fn compile(config: Arc<Config>, resolved: Arc<GroupMembers>) -> Option<Snapshot> {
-    tokio::task::spawn_blocking(move || Snapshot::compile(config, resolved, SystemTime::now()))
-        .await
-        .ok()
+async fn compile(
+    config: Arc<Config>,
+    resolved: Arc<GroupMembers>,
+    store: Arc<StoreEntries>,
+) -> Option<Snapshot> {
+    tokio::task::spawn_blocking(move || {
+        Snapshot::compile(config, resolved, store, SystemTime::now())
+    })
+    .await
+    .ok()
 }
 
 /// Sets the gauges of a generation before it is published, off the
@@ -584,7 +618,7 @@ mod tests {
         std::fs::write(&sg, members("192.0.2.1")).unwrap();
         std::fs::write(&path, "[security_groups]\nfile = \"sg.toml\"\n\n[[deployment]]\nname = \"d\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:27018\"\n\n[[deployment.allow]]\naws_account = \"123456789012\"\nsecurity_group = \"sg-0a1b2c3d\"\n").unwrap();
         let config = Arc::new(config::load(&path, SystemTime::now()).unwrap());
-        let snap = Snapshot::compile(config, Arc::default(), SystemTime::now());
+        let snap = Snapshot::compile(config, Arc::default(), Arc::default(), SystemTime::now());
         let shared = Shared::new(build_live(snap, &[]));
         let reloads = Reloads::start(Reloader::new(shared.clone(), path, Listeners::default()));
         let failures = || metrics().reloads.with_label_values(&["failure"]).get();

@@ -1,8 +1,9 @@
 //! The compiled, immutable state every connection reads: the validated
 //! config plus one rule table per deployment, built for a given instant
-//! (expired rules left out). Published through a single `ArcSwap`.
+//! (expired rules left out). Published through a single `ArcSwap`. A
+//! deployment's own rules are its `allow` tables plus its fleet-store entries.
 
-use crate::config::{Config, Deployment, GroupKey, Plan, RuleTarget};
+use crate::config::{Config, Deployment, GroupKey, Plan, Rule, RuleTarget};
 use crate::rules::RuleTable;
 use ipnet::IpNet;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -33,10 +34,29 @@ pub struct Compiled {
 /// with the membership file's.
 pub type GroupMembers = BTreeMap<GroupKey, Vec<IpNet>>;
 
+/// The fleet store's valid entries as applied (SPEC 7), by deployment name.
+#[derive(Debug, Default, Clone)]
+pub struct StoreEntries {
+    /// The etcd revision these entries reflect (0: nothing read yet).
+    pub revision: i64,
+    /// Each deployment's entries, as rules, in key order.
+    pub rules: BTreeMap<String, Arc<Vec<Rule>>>,
+}
+
+impl StoreEntries {
+    /// The store's rules for deployment `name` (none if it has no entries).
+    pub fn of(&self, name: &str) -> &[Rule] {
+        self.rules.get(name).map_or(&[], |r| r.as_slice())
+    }
+}
+
 #[derive(Debug)]
 pub struct Snapshot {
     pub config: Arc<Config>,
     pub resolved: Arc<GroupMembers>,
+    /// The fleet store's entries compiled in; `store.revision` is what this
+    /// host enforces.
+    pub store: Arc<StoreEntries>,
     pub compiled: Vec<Compiled>,
     index: HashMap<String, usize>,
     /// The next instant at which a rule expires: the snapshot must be rebuilt then.
@@ -70,8 +90,14 @@ pub fn reachable(deps: &[Deployment], d: &Deployment) -> Vec<usize> {
 
 impl Snapshot {
     /// Compiles `config` as of `now`, with `resolved` group members added to
-    /// the membership file's.
-    pub fn compile(config: Arc<Config>, resolved: Arc<GroupMembers>, now: SystemTime) -> Snapshot {
+    /// the membership file's and `store` entries added to each deployment's
+    /// own rules.
+    pub fn compile(
+        config: Arc<Config>,
+        resolved: Arc<GroupMembers>,
+        store: Arc<StoreEntries>,
+        now: SystemTime,
+    ) -> Snapshot {
         let mut next_expiry: Option<SystemTime> = None;
         let mut compiled = Vec::with_capacity(config.deployments.len());
         for d in &config.deployments {
@@ -79,7 +105,8 @@ impl Snapshot {
             let mut sources = Vec::new();
             if d.plan == Plan::Dedicated {
                 for owner in reachable(&config.deployments, d) {
-                    for rule in &config.deployments[owner].rules {
+                    let own = &config.deployments[owner];
+                    for rule in own.rules.iter().chain(store.of(&own.name)) {
                         if let Some(t) = rule.expires {
                             if t <= now {
                                 continue;
@@ -137,6 +164,7 @@ impl Snapshot {
         Snapshot {
             config,
             resolved,
+            store,
             compiled,
             index,
             next_expiry,

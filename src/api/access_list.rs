@@ -155,7 +155,7 @@ pub async fn status(api: &Api, name: &str, entry: &str) -> Result<Response<Body>
             let msg = format!("deployment \"{name}\" has no access-list entry {key}");
             ApiError::NotFound(msg.clone(), vec![format!("entry: {msg}")])
         })?;
-    let active = control::in_force(&api.shared.live.load().snap.config, name, found);
+    let active = control::in_force(&api.shared.live.load().snap, name, found);
     Ok(json(
         StatusCode::OK,
         &json!({ "status": if active { "ACTIVE" } else { "PENDING" } }),

@@ -72,9 +72,10 @@ pub fn start(
     reload_now: Arc<Notify>,
 ) -> std::io::Result<()> {
     let std_listener = crate::listener::bind(addr, false)?;
+    let in_force = shared.clone();
     let api = Arc::new(Api {
+        store: Store::running(config, move || in_force.live.load().snap.config.clone()),
         shared,
-        store: Store::file(config),
         keys: auth::KeyRing::default(),
         reload_now,
         failures: RefusalLog::default(),
@@ -257,13 +258,13 @@ impl Api {
     pub async fn enforced(
         &self,
         arrival: Instant,
-        check: impl Fn(&crate::config::Config) -> bool,
+        check: impl Fn(&crate::snapshot::Snapshot) -> bool,
     ) -> Result<(), ApiError> {
         let deadline = tokio::time::Instant::from_std(arrival + ENFORCE_WITHIN);
         let mut generation = self.shared.generation.subscribe();
         let mut asked = None::<Instant>;
         loop {
-            if check(&self.shared.live.load().snap.config) {
+            if check(&self.shared.live.load().snap) {
                 return Ok(());
             }
             if asked.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {

@@ -52,9 +52,15 @@ pub async fn plan(api: &Api, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
     };
     let warnings: Vec<String> = config.warnings.iter().map(|d| d.to_string()).collect();
     let closes = config.server.on_revoke == OnRevoke::Close;
+    // The fleet store's entries in force stay while the new file has a store.
+    let store = match config.store {
+        Some(_) => live.snap.store.clone(),
+        None => Arc::default(),
+    };
     let new = Snapshot::compile(
         Arc::new(config),
         live.snap.resolved.clone(),
+        store,
         SystemTime::now(),
     );
     let old = &live.snap;

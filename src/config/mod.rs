@@ -9,12 +9,14 @@ mod groups;
 mod listen;
 mod raw;
 mod schema;
+mod store;
 mod validate;
 pub mod values;
 
 pub use api::{Api, ApiKey, Role};
 pub use diag::{ConfigError, Diagnostic, Severity};
 pub use listen::bind_conflict;
+pub use store::{Secret, Store, StoreTls, DEFAULT_PREFIX};
 pub use validate::{fingerprint, load, load_bytes};
 
 use ipnet::IpNet;
@@ -31,6 +33,8 @@ pub struct Config {
     pub server: Server,
     pub limits: Limits,
     pub security_groups: SecurityGroups,
+    /// `[store] etcd`: the fleet store of access-list entries (SPEC 7).
+    pub store: Option<Store>,
     /// `[api]`: the access-list API, if configured.
     pub api: Option<Api>,
     pub deployments: Vec<Deployment>,

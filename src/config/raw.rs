@@ -12,6 +12,7 @@ pub struct RawConfig {
     pub limits: Option<RawLimits>,
     pub security_groups: Option<RawSecurityGroups>,
     pub api: Option<Spanned<RawApi>>,
+    pub store: Option<RawStore>,
     #[serde(default)]
     pub deployment: Vec<Spanned<RawDeployment>>,
 }
@@ -166,4 +167,24 @@ pub struct RawKey {
     pub sha256: Spanned<String>,
     pub role: Spanned<String>,
     pub deployments: Option<Vec<Spanned<String>>>,
+}
+
+/// `[store]`: the fleet store (SPEC 7).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub etcd: Spanned<RawEtcd>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEtcd {
+    pub endpoints: Spanned<Vec<Spanned<String>>>,
+    pub prefix: Option<Spanned<String>>,
+    pub cache: Option<Spanned<String>>,
+    pub username: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<String>>,
+    pub ca: Option<Spanned<String>>,
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
 }

@@ -129,7 +129,29 @@ pub const CONFIG: Schema = Schema {
             false,
         ),
         ("api", Ty::Table(&API), false),
+        (
+            "store",
+            Ty::Table(&Schema {
+                what: "[store]",
+                keys: &[("etcd", Ty::Table(&ETCD), true)],
+            }),
+            false,
+        ),
         ("deployment", Ty::Tables(&DEPLOYMENT), false),
+    ],
+};
+
+const ETCD: Schema = Schema {
+    what: "[store] etcd",
+    keys: &[
+        ("endpoints", Ty::StrList, true),
+        ("prefix", Ty::Str, false),
+        ("cache", Ty::Str, false),
+        ("username", Ty::Str, false),
+        ("password_file", Ty::Str, false),
+        ("ca", Ty::Str, false),
+        ("cert", Ty::Str, false),
+        ("key", Ty::Str, false),
     ],
 };
 

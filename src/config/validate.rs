@@ -55,7 +55,8 @@ pub fn load_bytes(path: &Path, bytes: &[u8], now: SystemTime) -> Result<Config, 
     let server = v.server(raw.server.as_ref());
     let limits = v.limits(raw.limits.as_ref(), &Limits::default(), true);
     let security_groups = v.security_groups(raw.security_groups.as_ref());
-    let deployments = v.deployments(&raw.deployment, &limits, &security_groups);
+    let store = v.store(raw.store.as_ref());
+    let deployments = v.deployments(&raw.deployment, &limits, &security_groups, store.is_some());
     let listeners = v.listeners(&raw.deployment, &deployments);
     let api = raw.api.as_ref().and_then(|a| {
         let names: Vec<&str> = deployments.iter().map(|d| d.name.as_str()).collect();
@@ -87,6 +88,7 @@ pub fn load_bytes(path: &Path, bytes: &[u8], now: SystemTime) -> Result<Config, 
             server,
             limits,
             security_groups,
+            store,
             api,
             deployments,
             listeners,
@@ -335,6 +337,7 @@ impl Validator<'_> {
         raw: &[Spanned<RawDeployment>],
         global: &Limits,
         sg: &SecurityGroups,
+        store: bool,
     ) -> Vec<Deployment> {
         let mut seen: HashMap<&str, usize> = HashMap::new();
         let names: BTreeSet<&str> = raw
@@ -356,7 +359,8 @@ impl Validator<'_> {
             }
             out.push(self.deployment(r, global, sg, &names));
         }
-        if self.report.errors.is_empty() {
+        // With a fleet store, a deployment's rules may all live there.
+        if self.report.errors.is_empty() && !store {
             self.empty_rule_warnings(raw, &out);
         }
         out
@@ -692,13 +696,13 @@ impl Validator<'_> {
 }
 
 #[cfg(unix)]
-fn key_readable_by_others(path: &Path) -> bool {
+pub(super) fn key_readable_by_others(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     // Follow symlinks, as Kubernetes secret volumes are symlinks.
     std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
 }
 
 #[cfg(not(unix))]
-fn key_readable_by_others(_: &Path) -> bool {
+pub(super) fn key_readable_by_others(_: &Path) -> bool {
     false
 }

@@ -40,7 +40,8 @@ fn show(entry: &Entry) -> String {
 }
 
 pub fn list(config: &Path, deployment: &str, json: bool) -> i32 {
-    match FileStore::new(config).list(deployment) {
+    let t = target(config);
+    match t.run(|f| f.list(deployment), async |s| s.list(deployment).await) {
         Err(e) => rejected(&e),
         Ok(l) => {
             if json {
@@ -64,8 +65,59 @@ pub struct NewEntry {
     pub aws_account: Option<String>,
 }
 
+/// Where `moat access-list` edits: with `[store] etcd` in the config, the
+/// fleet store (SPEC 6.3; no daemon needed, and the command returns once
+/// etcd accepted the change); else the config file.
+enum Target {
+    File(FileStore),
+    Fleet(super::Store, tokio::runtime::Runtime),
+}
+
+/// Longest a command waits for etcd.
+const FLEET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn target(config: &Path) -> Target {
+    let loaded = crate::config::load(config, SystemTime::now())
+        .ok()
+        .filter(|c| c.store.is_some());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    match (loaded, runtime) {
+        (Some(c), Ok(rt)) => {
+            let c = std::sync::Arc::new(c);
+            Target::Fleet(super::Store::running(config, move || c.clone()), rt)
+        }
+        _ => Target::File(FileStore::new(config)),
+    }
+}
+
+impl Target {
+    fn run<T>(
+        &self,
+        file: impl FnOnce(&FileStore) -> Result<T, StoreError>,
+        fleet: impl AsyncFnOnce(&super::Store) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match self {
+            Target::File(f) => file(f),
+            Target::Fleet(store, rt) => rt.block_on(async {
+                tokio::time::timeout(FLEET_TIMEOUT, fleet(store))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(StoreError::Io(format!(
+                            "the fleet store (etcd) did not answer within {}s; nothing was written",
+                            FLEET_TIMEOUT.as_secs()
+                        )))
+                    })
+            }),
+        }
+    }
+}
+
 fn report(edited: &Edited, done: &str, config: &Path) {
-    if edited.written {
+    if edited.written && fleet_configured(config) {
+        println!("{done} (fleet store; every moat of the fleet applies it within a second)");
+    } else if edited.written {
         println!(
             "{done} ({}; a running moat applies it on its next reload)",
             config.display()
@@ -108,7 +160,12 @@ pub fn add(config: &Path, deployment: &str, new: NewEntry) -> i32 {
         }
     };
     let key = valid.key.to_string();
-    match FileStore::new(config).add(deployment, &[valid], None) {
+    let t = target(config);
+    let entries = [valid];
+    match t.run(
+        |f| f.add(deployment, &entries, None),
+        async |s| s.add(deployment, entries.to_vec(), None).await,
+    ) {
         Err(e) => rejected(&e),
         Ok(edited) => {
             report(
@@ -129,7 +186,11 @@ pub fn remove(config: &Path, deployment: &str, entry: &str) -> i32 {
             return 1;
         }
     };
-    match FileStore::new(config).remove(deployment, &key, None) {
+    let t = target(config);
+    match t.run(
+        |f| f.remove(deployment, &key, None),
+        async |s| s.remove(deployment, key.clone(), None).await,
+    ) {
         Err(e) => rejected(&e),
         Ok((edited, _)) => {
             report(
@@ -143,7 +204,11 @@ pub fn remove(config: &Path, deployment: &str, entry: &str) -> i32 {
 }
 
 pub fn copy(config: &Path, deployment: &str, from: &str) -> i32 {
-    match FileStore::new(config).copy(deployment, from, None) {
+    let t = target(config);
+    match t.run(
+        |f| f.copy(deployment, from, None),
+        async |s| s.copy(deployment, from, None).await,
+    ) {
         Err(e) => rejected(&e),
         Ok(edited) => {
             report(
@@ -319,3 +384,8 @@ pub fn new_key(name: &str, role: &str, deployments: &[String]) -> i32 {
 }
 
 use sha2::Digest;
+
+/// Whether the config at `path` names a fleet store.
+fn fleet_configured(path: &Path) -> bool {
+    crate::config::load(path, SystemTime::now()).is_ok_and(|c| c.store.is_some())
+}

@@ -4,10 +4,12 @@
 pub mod cli;
 pub mod client;
 pub mod edit;
+pub mod etcd;
 pub mod store;
 
 use crate::access::{format_instant, Entry, KeyRef};
-use crate::config::{Config, Rule, RuleTarget};
+use crate::config::{Rule, RuleTarget};
+use crate::snapshot::Snapshot;
 
 pub use store::{Listing, Store, StoreError};
 
@@ -35,28 +37,31 @@ pub fn rule_is(rule: &Rule, entry: &Entry) -> bool {
     }
 }
 
-/// Whether `config` (the one in force) has `entry` among the deployment's own rules.
-pub fn in_force(config: &Config, deployment: &str, entry: &Entry) -> bool {
-    config
+/// The deployment's own rules in force: its `allow` tables and its
+/// fleet-store entries (SPEC 7).
+fn own_rules<'s>(snap: &'s Snapshot, deployment: &str) -> impl Iterator<Item = &'s Rule> {
+    let file = snap
+        .config
         .deployments
         .iter()
         .find(|d| d.name == deployment)
-        .is_some_and(|d| d.rules.iter().any(|r| rule_is(r, entry)))
+        .into_iter()
+        .flat_map(|d| &d.rules);
+    file.chain(snap.store.of(deployment))
 }
 
-/// Whether `config` no longer has a rule of the deployment that `key` names.
-pub fn gone(config: &Config, deployment: &str, key: &KeyRef) -> bool {
-    config
-        .deployments
-        .iter()
-        .find(|d| d.name == deployment)
-        .is_none_or(|d| {
-            !d.rules.iter().any(|r| {
-                let k = match &r.target {
-                    RuleTarget::Cidr(n) => crate::access::EntryKey::Cidr(*n),
-                    RuleTarget::Group(g) => crate::access::EntryKey::Group(g.clone()),
-                };
-                key.matches(&k)
-            })
-        })
+/// Whether `snap` (the one in force) has `entry` among the deployment's own rules.
+pub fn in_force(snap: &Snapshot, deployment: &str, entry: &Entry) -> bool {
+    own_rules(snap, deployment).any(|r| rule_is(r, entry))
+}
+
+/// Whether `snap` no longer has a rule of the deployment that `key` names.
+pub fn gone(snap: &Snapshot, deployment: &str, key: &KeyRef) -> bool {
+    !own_rules(snap, deployment).any(|r| {
+        let k = match &r.target {
+            RuleTarget::Cidr(n) => crate::access::EntryKey::Cidr(*n),
+            RuleTarget::Group(g) => crate::access::EntryKey::Group(g.clone()),
+        };
+        key.matches(&k)
+    })
 }

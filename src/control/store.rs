@@ -53,6 +53,25 @@ pub fn etag(entries: &[Entry]) -> String {
 #[derive(Clone)]
 pub enum Store {
     File(Arc<FileStore>),
+    /// The config file, or the fleet store (etcd) while the config in force
+    /// has `[store] etcd` (SPEC 6.3): decided at each request.
+    Running(Arc<Running>),
+}
+
+/// What [`Store::Running`] needs: both backends and the config in force.
+pub struct Running {
+    file: Arc<FileStore>,
+    etcd: super::etcd::EtcdStore,
+    config: Box<dyn Fn() -> Arc<crate::config::Config> + Send + Sync>,
+}
+
+impl Running {
+    /// The fleet store's settings in force, with that config.
+    fn fleet(&self) -> Option<(Arc<crate::config::Config>, crate::config::Store)> {
+        let config = (self.config)();
+        let store = config.store.clone()?;
+        Some((config, store))
+    }
 }
 
 /// Runs blocking file work off the async threads.
@@ -70,13 +89,40 @@ impl Store {
         Store::File(Arc::new(FileStore::new(path)))
     }
 
-    pub async fn list(&self, deployment: &str) -> Result<Listing, StoreError> {
+    /// The config file at `path`, or the fleet store while `config()` (the
+    /// config in force) has one.
+    pub fn running(
+        path: &Path,
+        config: impl Fn() -> Arc<crate::config::Config> + Send + Sync + 'static,
+    ) -> Store {
+        Store::Running(Arc::new(Running {
+            file: Arc::new(FileStore::new(path)),
+            etcd: Default::default(),
+            config: Box::new(config),
+        }))
+    }
+
+    /// Whether writes go to the fleet store now.
+    pub fn is_fleet(&self) -> bool {
+        matches!(self, Store::Running(r) if r.fleet().is_some())
+    }
+
+    /// The file backend of this store.
+    fn file_store(&self) -> &Arc<FileStore> {
         match self {
-            Store::File(f) => {
-                let (f, d) = (f.clone(), deployment.to_string());
-                blocking(move || f.list(&d)).await
+            Store::File(f) => f,
+            Store::Running(r) => &r.file,
+        }
+    }
+
+    pub async fn list(&self, deployment: &str) -> Result<Listing, StoreError> {
+        if let Store::Running(r) = self {
+            if let Some((c, s)) = r.fleet() {
+                return r.etcd.list(&c, &s, deployment).await;
             }
         }
+        let (f, d) = (self.file_store().clone(), deployment.to_string());
+        blocking(move || f.list(&d)).await
     }
 
     pub async fn add(
@@ -85,12 +131,13 @@ impl Store {
         entries: Vec<ValidEntry>,
         if_match: Option<String>,
     ) -> Result<Edited, StoreError> {
-        match self {
-            Store::File(f) => {
-                let (f, d) = (f.clone(), deployment.to_string());
-                blocking(move || f.add(&d, &entries, if_match.as_deref())).await
+        if let Store::Running(r) = self {
+            if let Some((c, s)) = r.fleet() {
+                return r.etcd.add(&c, &s, deployment, entries, if_match).await;
             }
         }
+        let (f, d) = (self.file_store().clone(), deployment.to_string());
+        blocking(move || f.add(&d, &entries, if_match.as_deref())).await
     }
 
     pub async fn remove(
@@ -99,12 +146,13 @@ impl Store {
         key: KeyRef,
         if_match: Option<String>,
     ) -> Result<(Edited, Entry), StoreError> {
-        match self {
-            Store::File(f) => {
-                let (f, d) = (f.clone(), deployment.to_string());
-                blocking(move || f.remove(&d, &key, if_match.as_deref())).await
+        if let Store::Running(r) = self {
+            if let Some((c, s)) = r.fleet() {
+                return r.etcd.remove(&c, &s, deployment, key, if_match).await;
             }
         }
+        let (f, d) = (self.file_store().clone(), deployment.to_string());
+        blocking(move || f.remove(&d, &key, if_match.as_deref())).await
     }
 
     pub async fn copy(
@@ -113,11 +161,16 @@ impl Store {
         from: &str,
         if_match: Option<String>,
     ) -> Result<Edited, StoreError> {
-        match self {
-            Store::File(f) => {
-                let (f, d, from) = (f.clone(), deployment.to_string(), from.to_string());
-                blocking(move || f.copy(&d, &from, if_match.as_deref())).await
+        if let Store::Running(r) = self {
+            if let Some((c, s)) = r.fleet() {
+                return r.etcd.copy(&c, &s, deployment, from, if_match).await;
             }
         }
+        let (f, d, from) = (
+            self.file_store().clone(),
+            deployment.to_string(),
+            from.to_string(),
+        );
+        blocking(move || f.copy(&d, &from, if_match.as_deref())).await
     }
 }
