@@ -29,9 +29,8 @@ pub struct Record {
     pub id: u64,
     pub deployment: Arc<str>,
     pub source: IpAddr,
-    /// The admitting rule: its description and prefix ("shared plan" for a shared deployment).
-    pub rule: String,
-    /// The admitting rule's description alone, and its prefix, for logs.
+    /// The admitting rule's description ("shared plan" for a shared
+    /// deployment) and prefix; `ConnInfo::rule` joins them.
     pub description: String,
     pub cidr: String,
     pub tls: bool,
@@ -60,7 +59,11 @@ impl Record {
             id: self.id,
             deployment: self.deployment.clone(),
             source: self.source,
-            rule: self.rule.clone(),
+            rule: if self.cidr.is_empty() {
+                self.description.clone()
+            } else {
+                format!("{} ({})", self.description, self.cidr)
+            },
             tls: self.tls,
             sni: self.sni.clone(),
             since: self.since,
@@ -95,11 +98,6 @@ impl Registry {
             id,
             deployment: c.deployment,
             source: c.source,
-            rule: if c.cidr.is_empty() {
-                c.description.clone()
-            } else {
-                format!("{} ({})", c.description, c.cidr)
-            },
             description: c.description,
             cidr: c.cidr,
             tls: c.tls,
