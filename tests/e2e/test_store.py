@@ -465,6 +465,8 @@ def test_api_writes_go_to_etcd_and_answer_once_enforced(moat, echo, etcd, ports,
     wait_admitted(port, "127.0.0.5")
     status, body = api_call(api, "GET", "/deployments/orders/accessList")
     assert status == 200 and json.loads(body)["totalCount"] == 2
+    status, body = api_call(api, "GET", "/deployments")
+    assert status == 200 and json.loads(body)["results"][0]["accessListEntries"] == 2
 
     status, body = api_call(api, "DELETE", "/deployments/orders/accessList/127.0.0.2%2F32")
     assert status == 204, body
