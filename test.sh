@@ -15,6 +15,8 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 # ---------------------------------------------------------------- system packages
 missing=()
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# curl: test_api.py runs the README's curl examples against the API.
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 if command -v python3 >/dev/null 2>&1; then
@@ -86,7 +88,7 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   step "installing $req into .venv"
   .venv/bin/python -m pip install -q --disable-pip-version-check -r "$req"
-  .venv/bin/python -c 'import pytest, pytest_timeout, pymongo, mockupdb, cryptography'
+  .venv/bin/python -c 'import pytest, pytest_timeout, pymongo, mockupdb, cryptography, schemathesis'
   echo "$want" >"$stamp"
 fi
 

@@ -250,6 +250,104 @@ pub fn format_instant(t: SystemTime) -> String {
         .unwrap_or_default()
 }
 
+/// The fields an entry may have, for errors that name them.
+pub const FIELDS: [&str; 5] = [
+    "cidrBlock",
+    "awsSecurityGroup",
+    "awsAccountId",
+    "comment",
+    "deleteAfterDate",
+];
+
+/// Why a body of entries was refused: one sentence, and one line per field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyError {
+    pub error: String,
+    pub detail: Vec<String>,
+}
+
+fn body_error(error: &str, detail: impl Into<String>) -> BodyError {
+    BodyError {
+        error: error.into(),
+        detail: vec![detail.into()],
+    }
+}
+
+/// Checks one entry's JSON object field by field, so that every error names its field.
+fn entry_from_json(v: serde_json::Value, at: &str, errors: &mut Vec<String>) -> Option<Entry> {
+    let serde_json::Value::Object(obj) = v else {
+        errors.push(format!(
+            "body{at}: an entry must be an object like {{\"cidrBlock\": \"10.0.0.0/16\", \"comment\": \"app servers\"}}"
+        ));
+        return None;
+    };
+    let mut ok = true;
+    for (k, v) in &obj {
+        if !FIELDS.contains(&k.as_str()) {
+            errors.push(format!("{k}: unknown field{at}; use {}", FIELDS.join(", ")));
+            ok = false;
+        } else if !v.is_string() {
+            errors.push(format!("{k}: must be a string{at}"));
+            ok = false;
+        }
+    }
+    if !ok {
+        return None;
+    }
+    match serde_json::from_value::<Entry>(serde_json::Value::Object(obj)) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            errors.push(format!("body{at}: {e}"));
+            None
+        }
+    }
+}
+
+/// Parses and validates a JSON array of entries (the body of an API write);
+/// `now`: a `deleteAfterDate` at or before it is refused. Every problem is
+/// reported, each naming its field (and the entry, when there are several).
+pub fn parse_entries(body: &[u8], now: SystemTime) -> Result<Vec<(Entry, ValidEntry)>, BodyError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| body_error("the body is not JSON", format!("body: {e}")))?;
+    let serde_json::Value::Array(items) = value else {
+        return Err(body_error(
+            "the body must be a JSON array of entries",
+            "body: send an array, like [{\"cidrBlock\": \"10.0.0.0/16\", \"comment\": \"app servers\"}]",
+        ));
+    };
+    if items.is_empty() {
+        return Err(body_error(
+            "the array holds no entry",
+            "body: give at least one entry",
+        ));
+    }
+    let n = items.len();
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let at = if n > 1 {
+            format!(" (entry {})", i + 1)
+        } else {
+            String::new()
+        };
+        let Some(entry) = entry_from_json(item, &at, &mut errors) else {
+            continue;
+        };
+        match entry.validate(Some(now)) {
+            Ok(v) => out.push((entry, v)),
+            Err(fields) => errors.extend(fields.iter().map(|f| format!("{f}{at}"))),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(BodyError {
+            error: "the entries are invalid; nothing was written".into(),
+            detail: errors,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +397,31 @@ mod tests {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_798_761_600);
         assert_eq!(format_instant(t), "2027-01-01T00:00:00Z");
         assert_eq!(parse_instant("2027-01-01T00:00:00Z").unwrap(), t);
+    }
+
+    #[test]
+    fn bodies_name_every_bad_field() {
+        let now = SystemTime::now();
+        let ok = parse_entries(br#"[{"cidrBlock":"10.0.0.0/8"},{"awsSecurityGroup":"sg-0a1b2c3d","awsAccountId":"123456789012"}]"#, now).unwrap();
+        assert_eq!(ok.len(), 2);
+        let e = parse_entries(
+            br#"[{"cidrBlock":1,"x":"y"},{"cidrBlock":"10.0.0.1/8"}]"#,
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(e.detail.len(), 3, "{e:?}");
+        assert!(
+            e.detail[0].starts_with("cidrBlock: must be a string (entry 1)"),
+            "{e:?}"
+        );
+        assert!(
+            e.detail[1].starts_with("x: unknown field (entry 1)"),
+            "{e:?}"
+        );
+        assert!(e.detail[2].starts_with("cidrBlock: ") && e.detail[2].contains("(entry 2)"));
+        for bad in [&b"{}"[..], b"[]", b"[1]", b"nope", b"[{}]"] {
+            assert!(parse_entries(bad, now).is_err());
+        }
     }
 
     #[test]

@@ -298,6 +298,16 @@ fn summary(c: &Config) -> String {
         let v6 = if l.v6_only { " (IPv6 only)" } else { "" };
         let _ = writeln!(out, "  {}{v6}: {}", l.addr, names.join(", "));
     }
+    if let Some(api) = &c.api {
+        let scheme = if api.tls.is_some() { "https" } else { "http" };
+        let _ = writeln!(
+            out,
+            "api: {scheme}://{}/api/v1, {} key(s) in {}",
+            api.listen,
+            api.keys.len(),
+            api.keys_file.display()
+        );
+    }
     let _ = writeln!(out, "warnings: {}", c.warnings.len());
     for w in &c.warnings {
         let _ = writeln!(out, "  {w}");

@@ -11,15 +11,6 @@ use axum::http::{header, HeaderValue, Response, StatusCode};
 use serde_json::{json, Map, Value};
 use std::time::SystemTime;
 
-/// The fields an entry may have, for errors that name them.
-const FIELDS: [&str; 5] = [
-    "cidrBlock",
-    "awsSecurityGroup",
-    "awsAccountId",
-    "comment",
-    "deleteAfterDate",
-];
-
 fn listing_response(status: StatusCode, l: &Listing) -> Response<Body> {
     let mut resp = json(
         status,
@@ -58,82 +49,10 @@ pub async fn get(api: &Api, name: &str) -> Result<Response<Body>, ApiError> {
     Ok(listing_response(StatusCode::OK, &listing))
 }
 
-fn bad_body(detail: Vec<String>) -> ApiError {
-    ApiError::BadRequest(
-        "the entries are invalid; nothing was written".into(),
-        detail,
-    )
-}
-
-/// Checks an entry's JSON object field by field, so that every error names its field.
-fn entry_from_json(v: Value, at: &str, errors: &mut Vec<String>) -> Option<Entry> {
-    let Value::Object(obj) = v else {
-        errors.push(format!(
-            "{at}: must be an object like {{\"cidrBlock\": \"10.0.0.0/16\", \"comment\": \"app servers\"}}"
-        ));
-        return None;
-    };
-    let mut ok = true;
-    for (k, v) in &obj {
-        if !FIELDS.contains(&k.as_str()) {
-            errors.push(format!("{k}: unknown field{at}; use {}", FIELDS.join(", ")));
-            ok = false;
-        } else if !v.is_string() {
-            errors.push(format!("{k}: must be a string{at}"));
-            ok = false;
-        }
-    }
-    if !ok {
-        return None;
-    }
-    match serde_json::from_value::<Entry>(Value::Object(obj)) {
-        Ok(e) => Some(e),
-        Err(e) => {
-            errors.push(format!("body{at}: {e}"));
-            None
-        }
-    }
-}
-
 /// Parses and validates the body of a POST: a JSON array of entries.
 fn parse_entries(body: &[u8]) -> Result<Vec<(Entry, ValidEntry)>, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad("the body is not JSON", format!("body: {e}")))?;
-    let Value::Array(items) = value else {
-        return Err(ApiError::bad(
-            "the body must be a JSON array of entries",
-            "body: send an array, like [{\"cidrBlock\": \"10.0.0.0/16\", \"comment\": \"app servers\"}]",
-        ));
-    };
-    if items.is_empty() {
-        return Err(ApiError::bad(
-            "the array holds no entry",
-            "body: give at least one entry",
-        ));
-    }
-    let n = items.len();
-    let now = SystemTime::now();
-    let mut errors = Vec::new();
-    let mut out = Vec::new();
-    for (i, item) in items.into_iter().enumerate() {
-        let at = if n > 1 {
-            format!(" (entry {})", i + 1)
-        } else {
-            String::new()
-        };
-        let Some(entry) = entry_from_json(item, &at, &mut errors) else {
-            continue;
-        };
-        match entry.validate(Some(now)) {
-            Ok(v) => out.push((entry, v)),
-            Err(fields) => errors.extend(fields.iter().map(|f| format!("{f}{at}"))),
-        }
-    }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(bad_body(errors))
-    }
+    crate::access::parse_entries(body, SystemTime::now())
+        .map_err(|e| ApiError::BadRequest(e.error, e.detail))
 }
 
 /// The stored entries with these keys, as the listing has them.

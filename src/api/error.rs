@@ -14,8 +14,9 @@ pub enum ApiError {
     /// 403: a known key without the role or the deployment.
     Forbidden(String),
     NotFound(String, Vec<String>),
-    /// 405, with the methods the path allows.
-    MethodNotAllowed(&'static str),
+    /// A known path with another method: 404 (SPEC 6.2: unmatched routes
+    /// are 404), naming the methods the path takes (also in `Allow`).
+    WrongMethod(String, &'static str),
     /// 408: the request did not arrive in time (the connection is closed).
     Timeout,
     /// 409: the config file cannot be written here.
@@ -39,7 +40,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(..) => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::WrongMethod(..) => StatusCode::NOT_FOUND,
             ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Conflict(..) => StatusCode::CONFLICT,
             ApiError::PreconditionFailed(..) => StatusCode::PRECONDITION_FAILED,
@@ -59,9 +60,9 @@ impl ApiError {
             }
             ApiError::NotEnforced(e) => (e.clone(), Vec::new()),
             ApiError::PreconditionFailed(e, tag) => (e.clone(), vec![format!("ETag: {tag}")]),
-            ApiError::MethodNotAllowed(allow) => (
-                format!("this path does not take that method; use {allow}"),
-                Vec::new(),
+            ApiError::WrongMethod(route, allow) => (
+                format!("no route {route}"),
+                vec![format!("method: this path takes {allow}")],
             ),
             ApiError::Timeout => (
                 "the request did not arrive within 10 s; the connection is closed".into(),
@@ -83,12 +84,9 @@ impl ApiError {
         let h = resp.headers_mut();
         match &self {
             ApiError::Unauthorized(_) => {
-                h.insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"moat\""),
-                );
+                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            ApiError::MethodNotAllowed(allow) => {
+            ApiError::WrongMethod(_, allow) => {
                 h.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
             ApiError::PreconditionFailed(_, tag) => {

@@ -287,10 +287,14 @@ impl Api {
 /// Writes answer once in force, within this long of the request's arrival.
 const ENFORCE_WITHIN: Duration = Duration::from_secs(5);
 
+/// An oversized body up to this size is read and dropped before the 413,
+/// so that the client, still sending, sees the answer rather than a reset.
+const DRAIN_MAX: u64 = 8 * 1024 * 1024;
+
 /// Reads a body of at most 1 MiB that must arrive within 10 s of the head.
 async fn read_body(
     headers: &header::HeaderMap,
-    body: Body,
+    mut body: Body,
     arrival: Instant,
 ) -> Result<Bytes, ApiError> {
     use http_body_util::BodyExt;
@@ -298,23 +302,37 @@ async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+    if declared.is_some_and(|n| n > DRAIN_MAX) {
         return Err(ApiError::PayloadTooLarge);
     }
     let deadline = tokio::time::Instant::from_std(arrival + http::REQUEST_TIMEOUT);
-    let limited = http_body_util::Limited::new(body, MAX_BODY);
-    match tokio::time::timeout_at(deadline, limited.collect()).await {
-        Err(_) => Err(ApiError::Timeout),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e))
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(ApiError::PayloadTooLarge)
+    let mut buf = Vec::new();
+    let mut seen: u64 = 0;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(ApiError::Timeout),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad(
+                    "the request body could not be read",
+                    format!("body: {e}"),
+                ))
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len() as u64;
+        if seen > DRAIN_MAX {
+            return Err(ApiError::PayloadTooLarge);
         }
-        Ok(Err(e)) => Err(ApiError::bad(
-            "the request body could not be read",
-            format!("body: {e}"),
-        )),
+        if seen <= MAX_BODY as u64 {
+            buf.extend_from_slice(&data);
+        }
     }
+    if seen > MAX_BODY as u64 {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    Ok(Bytes::from(buf))
 }

@@ -28,8 +28,8 @@ pub const PREFIX: &str = "/api/v1";
 pub const UNMATCHED: &str = "unmatched";
 
 impl Route {
-    /// The route of a request; 404 for an unknown path, 405 for a known
-    /// path with another method, 400 for a path that does not decode.
+    /// The route of a request; 404 for an unknown path or method (naming
+    /// the methods a known path takes), 400 for a path that does not decode.
     pub fn parse(method: &Method, uri: &Uri) -> Result<Route, (&'static str, ApiError)> {
         let path = uri.path();
         let unmatched = || {
@@ -135,7 +135,10 @@ impl Route {
             ),
             _ => return Err(unmatched()),
         };
-        route.ok_or((template, ApiError::MethodNotAllowed(allow)))
+        route.ok_or((
+            template,
+            ApiError::WrongMethod(format!("{method} {path}"), allow),
+        ))
     }
 
     /// The route's template, the `route` label of `moat_api_requests_total`.
@@ -253,7 +256,7 @@ mod tests {
         );
         assert_eq!(parse(Method::GET, "/api/v1/nope"), Err(404));
         assert_eq!(parse(Method::GET, "/api/v10"), Err(404));
-        assert_eq!(parse(Method::PUT, "/api/v1/deployments"), Err(405));
+        assert_eq!(parse(Method::PUT, "/api/v1/deployments"), Err(404));
         assert_eq!(
             parse(Method::GET, "/api/v1/deployments/%FF/accessList"),
             Err(400)

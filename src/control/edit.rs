@@ -95,15 +95,22 @@ impl FileStore {
     ) -> Result<(Edited, Entry), StoreError> {
         let mut removed = None;
         let edited = self.edit(deployment, if_match, |allow| {
-            let i = allow
-                .iter()
-                .position(|t| key_of(t).is_some_and(|k| key.matches(&k)))
-                .ok_or_else(|| StoreError::NoEntry {
+            // Every table with that key goes (a hand-written file may repeat one).
+            loop {
+                let found = allow
+                    .iter()
+                    .position(|t| key_of(t).is_some_and(|k| key.matches(&k)));
+                let Some(i) = found else { break };
+                let gone = entry_of(&allow.remove(i));
+                removed.get_or_insert(gone);
+            }
+            match removed {
+                Some(_) => Ok(()),
+                None => Err(StoreError::NoEntry {
                     deployment: deployment.to_string(),
                     entry: key.to_string(),
-                })?;
-            removed = Some(entry_of(&allow.remove(i)));
-            Ok(())
+                }),
+            }
         })?;
         Ok((edited, removed.unwrap_or_default()))
     }

@@ -247,3 +247,19 @@ fn concurrent_writers_lose_nothing() {
     }
     assert_eq!(store.list("orders").unwrap().entries.len(), 21);
 }
+
+#[test]
+fn removing_takes_every_table_of_that_key() {
+    let (_d, path) = setup();
+    let twice = CONFIG.replace(
+        "[deployment.limits]",
+        "[[deployment.allow]]\ncidr = \"10.0.0.0/16\"\ndescription = \"again\"\n\n[deployment.limits]",
+    );
+    fs::write(&path, &twice).unwrap();
+    let store = FileStore::new(&path);
+    let (edited, gone) = store
+        .remove("orders", &parse_key("10.0.0.0/16").unwrap(), None)
+        .unwrap();
+    assert_eq!(gone.comment.as_deref(), Some("app servers"));
+    assert!(edited.listing.entries.is_empty());
+}
