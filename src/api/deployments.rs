@@ -22,7 +22,7 @@ pub fn list(api: &Api, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
                 "plan": match d.plan { Plan::Dedicated => "dedicated", Plan::Shared => "shared" },
                 "listen": d.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                 "tls": d.tls.is_some(),
-                "accessListEntries": d.rules.len(),
+                "accessListEntries": d.rules.len() + live.snap.store.of(&d.name).len(),
                 "activeConnections": state.metrics.active.get().max(0),
             })
         })

@@ -428,13 +428,18 @@ keys = "api-keys.toml"
     return cfg, {"api-keys.toml": keys}
 
 
-def api_call(api: int, method: str, path: str, body=None) -> tuple[int, bytes]:
+def api_call(api: int, method: str, path: str, body=None, if_match: str | None = None,
+             etag: list | None = None) -> tuple[int, bytes]:
     import http.client
     conn = http.client.HTTPConnection("127.0.0.1", api, timeout=10)
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    if if_match:
+        headers["If-Match"] = if_match
     try:
-        conn.request(method, "/api/v1" + path, json.dumps(body) if body is not None else None,
-                     {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+        conn.request(method, "/api/v1" + path, json.dumps(body) if body is not None else None, headers)
         r = conn.getresponse()
+        if etag is not None:
+            etag.append(r.getheader("ETag"))
         return r.status, r.read()
     finally:
         conn.close()
@@ -465,6 +470,16 @@ def test_api_writes_go_to_etcd_and_answer_once_enforced(moat, echo, etcd, ports,
     wait_admitted(port, "127.0.0.5")
     status, body = api_call(api, "GET", "/deployments/orders/accessList")
     assert status == 200 and json.loads(body)["totalCount"] == 2
+    status, body = api_call(api, "GET", "/deployments")
+    assert status == 200 and json.loads(body)["results"][0]["accessListEntries"] == 2
+    # If-Match: the ETag of the list as read from etcd; a write by someone else voids it.
+    tag: list = []
+    api_call(api, "GET", "/deployments/orders/accessList", etag=tag)
+    etcd.put(key("orders", "portal-made"), {"cidrBlock": "127.0.0.5", "comment": "changed"})
+    status, _ = api_call(api, "POST", "/deployments/orders/accessList",
+                         [{"cidrBlock": "127.0.0.6"}], if_match=tag[0])
+    assert status == 412
+    assert "127.0.0.6" not in str(etcd.keys("/moat/deployments/orders/accessList/"))
 
     status, body = api_call(api, "DELETE", "/deployments/orders/accessList/127.0.0.2%2F32")
     assert status == 204, body
