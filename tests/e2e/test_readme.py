@@ -67,10 +67,11 @@ def test_try_them_targets_the_tls_port_of_the_example_config():
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
-def test_try_them_command_completes_a_verified_handshake(moat, need_ipv6):
-    """The example config, moved to free ports, run as the README says, and
-    the certificates README's openssl command (same port mapping) run as is."""
-    text = EXAMPLE.read_text()
+def test_try_them_command_completes_a_verified_handshake(moat, echo, need_ipv6):
+    """The example config, moved to free ports (its mongod an echo server),
+    run as the README says, and the certificates README's openssl command
+    (same port mapping) run as is."""
+    text = EXAMPLE.read_text().replace('"127.0.0.1:27017"', f'"{echo.address}"')
     fixed = sorted({int(p) for p in re.findall(r'127\.0\.0\.1:(\d+)"', text) + re.findall(r'\[::1\]:(\d+)"', text)}
                    - {27017})
     mapping = dict(zip(fixed, free_ports(len(fixed))))
