@@ -166,6 +166,20 @@ struct Ready {
     sni: Option<String>,
 }
 
+impl Ready {
+    /// A plaintext client, with the bytes set-up read from it.
+    fn plain(stream: TcpStream, prefix: Vec<u8>, permit: Permit, slot: Slot) -> Ready {
+        Ready {
+            client: Client::Plain(stream),
+            prefix,
+            permit,
+            slot,
+            tls: false,
+            sni: None,
+        }
+    }
+}
+
 /// Handles one accepted connection on the listener bound to `listen`.
 pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, listen: SocketAddr) {
     let accepted = Instant::now();
@@ -340,14 +354,7 @@ impl Setup<'_> {
         };
         let tls = &self.live.snap.config.deployments[first].tls;
         let Some(tls) = tls else {
-            return Ok(Ready {
-                client: Client::Plain(stream),
-                prefix,
-                permit,
-                slot,
-                tls: false,
-                sni: None,
-            });
+            return Ok(Ready::plain(stream, prefix, permit, slot));
         };
         if tls.mode == TlsMode::Allow {
             p.stage.set(Stage::FirstBytes);
@@ -356,14 +363,7 @@ impl Setup<'_> {
             })
             .await?;
             if classify(&prefix) != FirstBytes::Tls {
-                return Ok(Ready {
-                    client: Client::Plain(stream),
-                    prefix,
-                    permit,
-                    slot,
-                    tls: false,
-                    sni: None,
-                });
+                return Ok(Ready::plain(stream, prefix, permit, slot));
             }
         }
         p.stage.set(Stage::Tls);

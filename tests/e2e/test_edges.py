@@ -34,6 +34,15 @@ def srv(certs):
     return certs.issue("orders", ["localhost", "orders.db.test"])
 
 
+def send_after_revocation(s: socket.socket):
+    """The client's first command, sent after its access ended; moat closes it."""
+    try:
+        s.sendall(PAYLOAD)
+        wait_closed(s, 5)
+    except OSError:
+        pass
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -77,11 +86,7 @@ def test_revoked_while_first_bytes_pending_in_allow_mode(moat, echo, ports, cert
     s = connect_from("127.0.0.2", port)
     revoke(m, server(admin) + dep("orders", port, echo.address, rule("192.0.2.0/24", "o"),
                                   tls=srv, mode="allow"), admin)
-    try:
-        s.sendall(PAYLOAD)
-        wait_closed(s, 5)
-    except OSError:
-        pass
+    send_after_revocation(s)
     echo.assert_untouched(0.5)
 
 
@@ -92,11 +97,7 @@ def test_revoked_while_untrusted_header_check_pending(moat, echo, ports):
     s = connect_from("127.0.0.2", port)
     revoke(m, server(admin) + dep("orders", port, echo.address, rule("198.51.100.0/24", "o"), extra=pp),
            admin)
-    try:
-        s.sendall(PAYLOAD)
-        wait_closed(s, 5)
-    except OSError:
-        pass
+    send_after_revocation(s)
     echo.assert_untouched(0.5)
 
 
@@ -107,11 +108,7 @@ def test_expiry_without_reload_stops_a_pending_connection(moat, echo, ports, cer
     m = moat(server(admin) + dep("orders", port, echo.address, rules, tls=srv, mode="allow"))
     s = connect_from("127.0.0.2", port)
     wait_until(lambda: time.time() > at + 0.3, timeout=5, what="the rule's expiry")
-    try:
-        s.sendall(PAYLOAD)
-        wait_closed(s, 5)
-    except OSError:
-        pass
+    send_after_revocation(s)
     echo.assert_untouched(0.5)
     assert m.metric("moat_connections_total", deployment="orders", outcome="denied") >= 1
 
