@@ -283,10 +283,27 @@ impl Setup<'_> {
         }
     }
 
-    fn acquire(&self, dep: usize, source: IpAddr) -> Result<Slot, SetupError> {
-        self.shared
-            .acquire(self.live, dep, source)
-            .ok_or(SetupError::Limited)
+    /// The connection's slot, taken before a byte is read. On an address
+    /// several deployments share, the deployment is not known before the
+    /// ClientHello: the slot counts against the global cap and a per-source
+    /// cap of the address, and no deployment's own caps until routing.
+    fn acquire(&self, source: IpAddr) -> Result<Slot, SetupError> {
+        let deps = self.deployments();
+        let slot = match deps {
+            [only] => self.shared.acquire(self.live, *only, source),
+            _ => {
+                let config = &self.live.snap.config;
+                let per_ip = deps
+                    .iter()
+                    .map(|&d| config.deployments[d].limits.max_connections_per_ip)
+                    .max()
+                    .unwrap_or(0);
+                let listen = config.listeners[self.listener].addr;
+                self.shared
+                    .acquire_unrouted(self.live, listen, deps[0], per_ip, source)
+            }
+        };
+        slot.ok_or(SetupError::Limited)
     }
 
     /// Everything before the dial, under the set-up deadline.
@@ -301,7 +318,7 @@ impl Setup<'_> {
         let (permit, slot, source) = if trusted == Some(true) {
             // The balancer's connection counts against the balancer until
             // its header names the client.
-            let mut slot = match self.acquire(first, self.peer) {
+            let mut slot = match self.acquire(self.peer) {
                 Ok(s) => s,
                 Err(e) => return Err(refuse(stream, e)),
             };
@@ -317,7 +334,11 @@ impl Setup<'_> {
                 Ok(p) => p,
                 Err(e) => return Err(refuse(stream, e)),
             };
-            if !slot.move_to(self.live, first, source) {
+            let moved = match permit {
+                Some(_) => slot.move_to(self.live, first, source),
+                None => slot.move_unrouted(source),
+            };
+            if !moved {
                 return Err(refuse(stream, SetupError::Limited));
             }
             (permit, slot, source)
@@ -327,7 +348,7 @@ impl Setup<'_> {
                 Ok(p) => p,
                 Err(e) => return Err(refuse(stream, e)),
             };
-            let slot = match self.acquire(first, self.peer) {
+            let slot = match self.acquire(self.peer) {
                 Ok(s) => s,
                 Err(e) => return Err(refuse(stream, e)),
             };

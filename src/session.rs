@@ -94,6 +94,11 @@ impl Session {
             _ = idle(&activity, idle_timeout, &clock) => End::Idle,
             r = forward => End::Finished(r),
         };
+        if matches!(end, End::Revoked(_) | End::Shutdown) {
+            // Not one more byte: drop what is still queued for the upstream
+            // (a reset) instead of flushing it before the FIN.
+            let _ = socket2::SockRef::from(&upstream).set_linger(Some(Duration::ZERO));
+        }
         let ms = record.since.elapsed().map_or(0, |d| d.as_millis() as u64);
         let name = &state.name;
         let rule = &record.description;

@@ -7,7 +7,7 @@ use crate::metrics::DeploymentMetrics;
 use crate::snapshot::Snapshot;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Instant;
@@ -97,6 +97,10 @@ pub struct Shared {
     pub epoch: Instant,
     /// Live (forwarding) connections, for the API.
     pub registry: Arc<crate::registry::Registry>,
+    /// Connections per source on an address several deployments share,
+    /// before the ClientHello names their deployment (no deployment's caps
+    /// are touched until then).
+    unrouted: Mutex<HashMap<(SocketAddr, IpAddr), u32>>,
 }
 
 impl Shared {
@@ -109,6 +113,7 @@ impl Shared {
             ready: std::sync::atomic::AtomicBool::new(false),
             epoch: Instant::now(),
             registry: Arc::default(),
+            unrouted: Mutex::default(),
         })
     }
 
@@ -134,7 +139,60 @@ impl Shared {
             shared: self.clone(),
             state,
             source,
+            unrouted: None,
         })
+    }
+
+    /// Takes a slot on `listen`, an address several deployments share, for
+    /// a connection whose deployment is not known yet: the global cap and a
+    /// per-source cap on that address (`per_ip`, the largest of its
+    /// deployments'). `charge` is the deployment whose counters a failure
+    /// before routing is charged to; its own caps are not touched.
+    pub fn acquire_unrouted(
+        self: &Arc<Self>,
+        live: &Live,
+        listen: SocketAddr,
+        charge: usize,
+        per_ip: u32,
+        source: IpAddr,
+    ) -> Option<Slot> {
+        let global_cap = live.snap.config.limits.max_connections.unwrap_or(u32::MAX) as usize;
+        if !take(&self.global_active, global_cap) {
+            return None;
+        }
+        if !self.enter_unrouted(listen, source, per_ip) {
+            self.global_active.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot {
+            shared: self.clone(),
+            state: live.deployments[charge].clone(),
+            source,
+            unrouted: Some((listen, per_ip)),
+        })
+    }
+
+    fn enter_unrouted(&self, listen: SocketAddr, source: IpAddr, cap: u32) -> bool {
+        let mut map = self.unrouted.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry((listen, source)).or_insert(0);
+        if *n >= cap {
+            if *n == 0 {
+                map.remove(&(listen, source));
+            }
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn leave_unrouted(&self, listen: SocketAddr, source: IpAddr) {
+        let mut map = self.unrouted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&(listen, source)) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&(listen, source));
+            }
+        }
     }
 
     pub fn active_connections(&self) -> usize {
@@ -197,8 +255,12 @@ fn leave(state: &DeploymentState, source: IpAddr) {
 /// phase of a connection counts.
 pub struct Slot {
     shared: Arc<Shared>,
+    /// The deployment counted (or, while unrouted, charged with failures).
     pub state: Arc<DeploymentState>,
     source: IpAddr,
+    /// Set while the connection waits on a shared address for its
+    /// ClientHello: the address and its per-source cap.
+    unrouted: Option<(SocketAddr, u32)>,
 }
 
 impl Slot {
@@ -207,22 +269,47 @@ impl Slot {
     /// where it was.
     pub fn move_to(&mut self, live: &Live, dep: usize, source: IpAddr) -> bool {
         let state = &live.deployments[dep];
-        if Arc::ptr_eq(state, &self.state) && source == self.source {
+        if self.unrouted.is_none() && Arc::ptr_eq(state, &self.state) && source == self.source {
             return true;
         }
         if !enter(state, &live.snap.config.deployments[dep].limits, source) {
             return false;
         }
-        leave(&self.state, self.source);
+        self.release_place();
+        self.unrouted = None;
         self.state = state.clone();
         self.source = source;
         true
+    }
+
+    /// Counts a still unrouted slot against another source (a trusted
+    /// balancer's header named the client).
+    pub fn move_unrouted(&mut self, source: IpAddr) -> bool {
+        let Some((listen, cap)) = self.unrouted else {
+            return false;
+        };
+        if source == self.source {
+            return true;
+        }
+        if !self.shared.enter_unrouted(listen, source, cap) {
+            return false;
+        }
+        self.shared.leave_unrouted(listen, self.source);
+        self.source = source;
+        true
+    }
+
+    fn release_place(&self) {
+        match self.unrouted {
+            Some((listen, _)) => self.shared.leave_unrouted(listen, self.source),
+            None => leave(&self.state, self.source),
+        }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        leave(&self.state, self.source);
+        self.release_place();
         self.shared.global_active.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -22,6 +22,9 @@ fn prefixes(snap: &Snapshot, name: &str) -> BTreeSet<IpNet> {
         .unwrap_or_default()
 }
 
+/// Plans run one at a time.
+static PLANNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
 pub async fn plan(api: &Api, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
     if std::str::from_utf8(&ctx.body).is_err() {
         return Err(ApiError::bad(
@@ -33,11 +36,30 @@ pub async fn plan(api: &Api, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
     // Relative paths in the candidate resolve against the running config's directory.
     let path = live.snap.config.path.clone();
     let bytes = ctx.body.clone();
-    let loaded = tokio::task::spawn_blocking(move || {
+    // One plan at a time, and like a reload bounded in time: a candidate
+    // that names a FIFO or a file on a hung mount fails instead of holding
+    // the request (and a thread) forever.
+    let limit = crate::reload::LOAD_TIMEOUT;
+    let too_slow = || {
+        let error = format!(
+            "reading the files the candidate names took longer than {}",
+            humantime::format_duration(limit)
+        );
+        Ok(json(
+            StatusCode::OK,
+            &json!({ "valid": false, "errors": [error], "warnings": [], "deployments": [] }),
+        ))
+    };
+    let Ok(Ok(_permit)) = tokio::time::timeout(limit, PLANNING.acquire()).await else {
+        return too_slow();
+    };
+    let load = tokio::task::spawn_blocking(move || {
         crate::config::load_bytes(&path, &bytes, SystemTime::now())
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("the plan did not finish: {e}")))?;
+    });
+    let loaded = match tokio::time::timeout(limit, load).await {
+        Err(_) => return too_slow(),
+        Ok(r) => r.map_err(|e| ApiError::Internal(format!("the plan did not finish: {e}")))?,
+    };
     let config = match loaded {
         Err(e) => {
             let list = |ds: &[crate::config::Diagnostic]| {
