@@ -306,6 +306,7 @@ fn entry_from_json(v: serde_json::Value, at: &str, errors: &mut Vec<String>) -> 
 /// Parses and validates a JSON array of entries (the body of an API write);
 /// `now`: a `deleteAfterDate` at or before it is refused. Every problem is
 /// reported, each naming its field (and the entry, when there are several).
+/// Two entries with the same key (CIDR or group): the last one wins.
 pub fn parse_entries(body: &[u8], now: SystemTime) -> Result<Vec<(Entry, ValidEntry)>, BodyError> {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| body_error("the body is not JSON", format!("body: {e}")))?;
@@ -334,7 +335,11 @@ pub fn parse_entries(body: &[u8], now: SystemTime) -> Result<Vec<(Entry, ValidEn
             continue;
         };
         match entry.validate(Some(now)) {
-            Ok(v) => out.push((entry, v)),
+            Ok(v) => {
+                // Two entries for one CIDR or group: the last one wins.
+                out.retain(|(_, o): &(Entry, ValidEntry)| o.key != v.key);
+                out.push((entry, v));
+            }
             Err(fields) => errors.extend(fields.iter().map(|f| format!("{f}{at}"))),
         }
     }
@@ -422,6 +427,23 @@ mod tests {
         for bad in [&b"{}"[..], b"[]", b"[1]", b"nope", b"[{}]"] {
             assert!(parse_entries(bad, now).is_err());
         }
+    }
+
+    #[test]
+    fn the_last_of_two_entries_with_one_key_wins() {
+        let now = SystemTime::now();
+        let ok = parse_entries(
+            br#"[{"cidrBlock":"10.0.0.0/8","comment":"a"},{"cidrBlock":"10.1.0.0/16"},{"cidrBlock":"10.0.0.0/8","comment":"b"}]"#,
+            now,
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 2, "{ok:?}");
+        let tens: Vec<_> = ok
+            .iter()
+            .filter(|(e, _)| e.cidr_block.as_deref() == Some("10.0.0.0/8"))
+            .collect();
+        assert_eq!(tens.len(), 1);
+        assert_eq!(tens[0].0.comment.as_deref(), Some("b"));
     }
 
     #[test]

@@ -138,6 +138,9 @@ impl From<StoreError> for ApiError {
                 vec![why],
             ),
             StoreError::Unsupported(why) => ApiError::Conflict(why, Vec::new()),
+            StoreError::TooLarge(why) => {
+                ApiError::BadRequest(why.clone(), vec![format!("body: {why}")])
+            }
             StoreError::Io(why) => ApiError::Internal(why),
         }
     }

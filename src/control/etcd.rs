@@ -9,7 +9,7 @@ use super::edit::Edited;
 use super::store::{etag, Listing, StoreError};
 use crate::access::{Entry, KeyRef, ValidEntry};
 use crate::config::{Config, Plan};
-use crate::fleet::write::{WriteError, Writer};
+use crate::fleet::write::{Listing as WriterListing, WriteError, Writer};
 use std::sync::Arc;
 use tokio::sync::Mutex;
 
@@ -22,6 +22,7 @@ pub struct EtcdStore {
 fn store_error(e: WriteError) -> StoreError {
     match e {
         WriteError::NoEntry { deployment, entry } => StoreError::NoEntry { deployment, entry },
+        WriteError::TooMany(why) => StoreError::TooLarge(why),
         other => StoreError::Io(other.to_string()),
     }
 }
@@ -65,20 +66,35 @@ impl EtcdStore {
         })
     }
 
-    /// 412 unless the list is still the one `if_match` names.
+    /// 412 unless the list is still the one `if_match` names; with an
+    /// If-Match, the listing read, which the write is then conditioned on.
     async fn precondition(
         &self,
         w: &Writer,
         name: &str,
         if_match: Option<&str>,
-    ) -> Result<(), StoreError> {
-        if let Some(tag) = if_match {
-            let now = self.read(w, name).await?;
-            if now.etag != tag && tag != "*" {
-                return Err(StoreError::Changed(now.etag));
-            }
+    ) -> Result<Option<WriterListing>, StoreError> {
+        let Some(tag) = if_match else {
+            return Ok(None);
+        };
+        let read = w.list(name).await.map_err(store_error)?;
+        let now = etag(&read.entries());
+        if now != tag && tag != "*" {
+            return Err(StoreError::Changed(now));
         }
-        Ok(())
+        Ok(Some(read))
+    }
+
+    /// A write's error; a conditional write that lost the race is a 412
+    /// naming the list's ETag now.
+    async fn failed(&self, w: &Writer, name: &str, e: WriteError) -> StoreError {
+        match e {
+            WriteError::Stale => match self.read(w, name).await {
+                Ok(now) => StoreError::Changed(now.etag),
+                Err(e) => e,
+            },
+            other => store_error(other),
+        }
     }
 
     pub async fn list(
@@ -102,8 +118,11 @@ impl EtcdStore {
     ) -> Result<Edited, StoreError> {
         check(config, name, StoreError::UnknownDeployment)?;
         let w = self.writer(s).await;
-        self.precondition(&w, name, if_match.as_deref()).await?;
-        let written = w.add(name, &entries).await.map_err(store_error)?;
+        let read = self.precondition(&w, name, if_match.as_deref()).await?;
+        let written = match w.add(name, &entries, read.as_ref()).await {
+            Ok(written) => written,
+            Err(e) => return Err(self.failed(&w, name, e).await),
+        };
         Ok(Edited {
             listing: self.read(&w, name).await?,
             written: written.revision.is_some(),
@@ -120,8 +139,11 @@ impl EtcdStore {
     ) -> Result<(Edited, Entry), StoreError> {
         check(config, name, StoreError::UnknownDeployment)?;
         let w = self.writer(s).await;
-        self.precondition(&w, name, if_match.as_deref()).await?;
-        let (written, entry) = w.remove(name, &key).await.map_err(store_error)?;
+        let read = self.precondition(&w, name, if_match.as_deref()).await?;
+        let (written, entry) = match w.remove(name, &key, read.as_ref()).await {
+            Ok(done) => done,
+            Err(e) => return Err(self.failed(&w, name, e).await),
+        };
         Ok((
             Edited {
                 listing: self.read(&w, name).await?,
@@ -144,8 +166,11 @@ impl EtcdStore {
             return Err(StoreError::UnknownSource(from.to_string()));
         }
         let w = self.writer(s).await;
-        self.precondition(&w, name, if_match.as_deref()).await?;
-        let written = w.copy(name, from).await.map_err(store_error)?;
+        let read = self.precondition(&w, name, if_match.as_deref()).await?;
+        let written = match w.copy(name, from, read.as_ref()).await {
+            Ok(written) => written,
+            Err(e) => return Err(self.failed(&w, name, e).await),
+        };
         Ok(Edited {
             listing: self.read(&w, name).await?,
             written: written.revision.is_some(),

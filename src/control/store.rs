@@ -37,6 +37,9 @@ pub enum StoreError {
     ReadOnly(String),
     #[error("{0}")]
     Unsupported(String),
+    /// A valid request the store cannot take in one piece (400).
+    #[error("{0}")]
+    TooLarge(String),
     #[error("{0}")]
     Io(String),
 }

@@ -48,6 +48,11 @@ pub enum WriteError {
     Changed,
     #[error("deployment \"{deployment}\" has no access-list entry {entry}")]
     NoEntry { deployment: String, entry: String },
+    /// The list changed since the read the write was conditioned on (If-Match).
+    #[error("the access list changed since it was read; read it again and retry")]
+    Stale,
+    #[error("{0}")]
+    TooMany(String),
 }
 
 /// The result of a change: the revision it made (None: nothing to change).
@@ -179,34 +184,109 @@ impl Writer {
     }
 
     /// Adds entries; one already present (same CIDR or group) is replaced.
+    /// `read`: the listing an If-Match was checked against; the write is then
+    /// one transaction that commits only if the list is still that one
+    /// ([`WriteError::Stale`] otherwise, no retry). Without it, more changes
+    /// than one transaction takes are written in batches of [`MAX_OPS`].
     pub async fn add(
         &self,
         deployment: &str,
         entries: &[ValidEntry],
+        read: Option<&Listing>,
     ) -> Result<Written, WriteError> {
-        for _ in 0..ATTEMPTS {
-            let listing = self.list(deployment).await?;
-            let (compares, ops) = plan_add(&self.folder(deployment), &listing, entries);
-            if ops.is_empty() {
-                return Ok(Written { revision: None });
+        let folder = self.folder(deployment);
+        if let Some(read) = read {
+            let (_, ops) = plan_add(&folder, read, entries);
+            return self.pinned(&folder, read, ops).await;
+        }
+        let mut last = None;
+        let mut rest = entries;
+        while !rest.is_empty() {
+            let mut done = false;
+            for _ in 0..ATTEMPTS {
+                let listing = self.list(deployment).await?;
+                // The longest run of entries whose changes fit one transaction.
+                let (mut compares, mut ops, mut taken) = (Vec::new(), Vec::new(), 0);
+                for v in rest {
+                    let (c, o) = plan_add(&folder, &listing, std::slice::from_ref(v));
+                    if taken > 0
+                        && (ops.len() + o.len() > MAX_OPS || compares.len() + c.len() > MAX_OPS)
+                    {
+                        break;
+                    }
+                    compares.extend(c);
+                    ops.extend(o);
+                    taken += 1;
+                }
+                if ops.is_empty() {
+                    rest = &rest[taken..];
+                    done = true;
+                    break;
+                }
+                if let Some(rev) = self.txn(compares, ops).await? {
+                    last = Some(rev);
+                    rest = &rest[taken..];
+                    done = true;
+                    break;
+                }
             }
-            if let Some(rev) = self.txn(compares, ops).await? {
-                return Ok(Written {
-                    revision: Some(rev),
-                });
+            if !done {
+                return Err(WriteError::Changed);
             }
         }
-        Err(WriteError::Changed)
+        Ok(Written { revision: last })
+    }
+
+    /// One transaction of `ops` that commits only if the deployment's list
+    /// is still `read`: no key under `folder` created or changed since its
+    /// revision, and every key it listed still at its mod revision.
+    async fn pinned(
+        &self,
+        folder: &str,
+        read: &Listing,
+        ops: Vec<TxnOp>,
+    ) -> Result<Written, WriteError> {
+        if ops.is_empty() {
+            return Ok(Written { revision: None });
+        }
+        if ops.len() > MAX_OPS {
+            return Err(WriteError::TooMany(format!(
+                "this change makes {} writes and a conditional request (If-Match) is one etcd transaction of at most {MAX_OPS} (etcd --max-txn-ops); send at most {MAX_OPS} entries, or send it without If-Match",
+                ops.len()
+            )));
+        }
+        let mut compares =
+            vec![Compare::mod_revision(folder, CompareOp::Less, read.revision + 1).with_prefix()];
+        // A deleted key shows only in a compare on it; they fit beside the
+        // range compare up to the transaction's bound.
+        if read.entries.len() < MAX_OPS {
+            compares.extend(
+                read.entries.iter().map(|s| {
+                    Compare::mod_revision(s.key.as_str(), CompareOp::Equal, s.mod_revision)
+                }),
+            );
+        }
+        match self.txn(compares, ops).await? {
+            Some(rev) => Ok(Written {
+                revision: Some(rev),
+            }),
+            None => Err(WriteError::Stale),
+        }
     }
 
     /// Removes every key holding the entry `key` names; returns the entry.
+    /// `read`: as for [`Writer::add`].
     pub async fn remove(
         &self,
         deployment: &str,
         key: &KeyRef,
+        read: Option<&Listing>,
     ) -> Result<(Written, Entry), WriteError> {
         for _ in 0..ATTEMPTS {
-            let listing = self.list(deployment).await?;
+            let listing = match read {
+                Some(r) => r.clone(),
+                None => self.list(deployment).await?,
+            };
             let found: Vec<&Stored> = listing
                 .entries
                 .iter()
@@ -225,10 +305,14 @@ impl Writer {
                 .iter()
                 .map(|s| Compare::mod_revision(s.key.as_str(), CompareOp::Equal, s.mod_revision))
                 .collect();
-            let ops = found
+            let ops: Vec<TxnOp> = found
                 .iter()
                 .map(|s| TxnOp::delete(s.key.as_str(), None))
                 .collect();
+            if read.is_some() {
+                let written = self.pinned(&self.folder(deployment), &listing, ops).await?;
+                return Ok((written, first.entry.clone()));
+            }
             if let Some(rev) = self.txn(compares, ops).await? {
                 return Ok((
                     Written {
@@ -242,38 +326,69 @@ impl Writer {
     }
 
     /// Copies `from`'s entries once; entries already present are kept.
-    pub async fn copy(&self, deployment: &str, from: &str) -> Result<Written, WriteError> {
-        for _ in 0..ATTEMPTS {
+    /// `read`: as for [`Writer::add`]; without it, in batches of [`MAX_OPS`].
+    pub async fn copy(
+        &self,
+        deployment: &str,
+        from: &str,
+        read: Option<&Listing>,
+    ) -> Result<Written, WriteError> {
+        let folder = self.folder(deployment);
+        let mut last = None;
+        let mut attempts = 0;
+        loop {
             let source = self.list(from).await?;
-            let target = self.list(deployment).await?;
-            let folder = self.folder(deployment);
+            let target = match read {
+                Some(r) => r.clone(),
+                None => self.list(deployment).await?,
+            };
             let mut compares = Vec::new();
             let mut ops = Vec::new();
+            let mut seen = std::collections::HashSet::new();
             for s in &source.entries {
                 if target.entries.iter().any(|t| t.entry_key == s.entry_key) {
                     continue;
                 }
                 let key = format!("{folder}{}", key_name(&s.entry_key));
-                if ops.len() < MAX_OPS {
-                    compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
-                    ops.push(TxnOp::put(key, to_json(&s.entry), None));
+                if seen.insert(key.clone()) {
+                    ops.push((key, s.entry.clone())); // once, if the source holds it twice
                 }
             }
-            if ops.is_empty() {
-                return Ok(Written { revision: None });
+            let put = |batch: &[(String, Entry)]| -> Vec<TxnOp> {
+                batch
+                    .iter()
+                    .map(|(k, e)| TxnOp::put(k.as_str(), to_json(e), None))
+                    .collect()
+            };
+            if let Some(read) = read {
+                return self.pinned(&folder, read, put(&ops)).await;
             }
-            if let Some(rev) = self.txn(compares, ops).await? {
-                return Ok(Written {
-                    revision: Some(rev),
-                });
+            if ops.is_empty() {
+                return Ok(Written { revision: last });
+            }
+            ops.truncate(MAX_OPS); // the rest in the next round
+            compares.extend(
+                ops.iter()
+                    .map(|(k, _)| Compare::create_revision(k.as_str(), CompareOp::Equal, 0)),
+            );
+            match self.txn(compares, put(&ops)).await? {
+                Some(rev) => {
+                    last = Some(rev);
+                    attempts = 0;
+                }
+                None => {
+                    attempts += 1;
+                    if attempts >= ATTEMPTS {
+                        return Err(WriteError::Changed);
+                    }
+                }
             }
         }
-        Err(WriteError::Changed)
     }
 }
 
 /// etcd's default bound on the operations of one transaction (`--max-txn-ops`).
-const MAX_OPS: usize = 128;
+pub const MAX_OPS: usize = 128;
 
 fn to_json(entry: &Entry) -> String {
     serde_json::to_string(entry).unwrap_or_default()
@@ -362,13 +477,16 @@ mod tests {
         let etcd = Etcd::start();
         let w = Writer::new(&etcd.store("/t/"));
         let a = valid(r#"{"cidrBlock":"10.0.0.0/16","comment":"app"}"#);
-        let written = w.add("orders", std::slice::from_ref(&a)).await.unwrap();
+        let written = w
+            .add("orders", std::slice::from_ref(&a), None)
+            .await
+            .unwrap();
         assert!(written.revision.is_some());
         // The same entry again changes nothing.
-        assert_eq!(w.add("orders", &[a]).await.unwrap().revision, None);
+        assert_eq!(w.add("orders", &[a], None).await.unwrap().revision, None);
         // Same CIDR, new comment: replaced in place, not added.
         let a2 = valid(r#"{"cidrBlock":"10.0.0.0/16","comment":"apps"}"#);
-        w.add("orders", &[a2]).await.unwrap();
+        w.add("orders", &[a2], None).await.unwrap();
         let list = w.list("orders").await.unwrap();
         assert_eq!(list.entries.len(), 1);
         assert_eq!(list.entries[0].entry.comment.as_deref(), Some("apps"));
@@ -378,23 +496,145 @@ mod tests {
         );
 
         let g = valid(r#"{"awsSecurityGroup":"sg-0a1b2c3d","awsAccountId":"123456789012"}"#);
-        w.add("billing", &[g]).await.unwrap();
-        w.copy("orders", "billing").await.unwrap();
+        w.add("billing", &[g], None).await.unwrap();
+        w.copy("orders", "billing", None).await.unwrap();
         assert_eq!(w.list("orders").await.unwrap().entries.len(), 2);
-        assert_eq!(w.copy("orders", "billing").await.unwrap().revision, None);
+        assert_eq!(
+            w.copy("orders", "billing", None).await.unwrap().revision,
+            None
+        );
 
         let (_, removed) = w
-            .remove("orders", &crate::access::parse_key("sg-0a1b2c3d").unwrap())
+            .remove(
+                "orders",
+                &crate::access::parse_key("sg-0a1b2c3d").unwrap(),
+                None,
+            )
             .await
             .unwrap();
         assert_eq!(removed.aws_security_group.as_deref(), Some("sg-0a1b2c3d"));
         let missing = w
-            .remove("orders", &crate::access::parse_key("10.9.0.0/16").unwrap())
+            .remove(
+                "orders",
+                &crate::access::parse_key("10.9.0.0/16").unwrap(),
+                None,
+            )
             .await;
         assert!(matches!(missing, Err(WriteError::NoEntry { .. })));
         // Another prefix is another fleet.
         let other = Writer::new(&etcd.store("/u/"));
         assert!(other.list("orders").await.unwrap().entries.is_empty());
+    }
+
+    /// Two writers holding the same read (one ETag): exactly one commits,
+    /// the other is told the list changed, whatever kind of write each is.
+    #[tokio::test]
+    async fn a_conditional_write_commits_only_on_the_list_read() {
+        let etcd = Etcd::start();
+        let w = Writer::new(&etcd.store("/t/"));
+        let a = valid(r#"{"cidrBlock":"10.0.0.0/16"}"#);
+        let b = valid(r#"{"cidrBlock":"10.1.0.0/16"}"#);
+        let c = valid(r#"{"cidrBlock":"10.2.0.0/16"}"#);
+        w.add("orders", std::slice::from_ref(&a), None)
+            .await
+            .unwrap();
+        w.add("billing", std::slice::from_ref(&c), None)
+            .await
+            .unwrap();
+
+        // add vs add (an added key).
+        let read = w.list("orders").await.unwrap();
+        assert!(w
+            .add("orders", std::slice::from_ref(&b), Some(&read))
+            .await
+            .unwrap()
+            .revision
+            .is_some());
+        let other = valid(r#"{"cidrBlock":"10.3.0.0/16"}"#);
+        assert_eq!(
+            w.add("orders", &[other], Some(&read)).await,
+            Err(WriteError::Stale)
+        );
+
+        // remove vs add (a deleted key).
+        let read = w.list("orders").await.unwrap();
+        let key = crate::access::parse_key("10.1.0.0/16").unwrap();
+        w.remove("orders", &key, Some(&read)).await.unwrap();
+        assert_eq!(
+            w.copy("orders", "billing", Some(&read)).await,
+            Err(WriteError::Stale)
+        );
+
+        // add vs remove (a changed key).
+        let read = w.list("orders").await.unwrap();
+        let a2 = valid(r#"{"cidrBlock":"10.0.0.0/16","comment":"new"}"#);
+        w.add("orders", &[a2], Some(&read)).await.unwrap();
+        let key = crate::access::parse_key("10.0.0.0/16").unwrap();
+        assert_eq!(
+            w.remove("orders", &key, Some(&read)).await.err(),
+            Some(WriteError::Stale)
+        );
+        assert_eq!(w.list("orders").await.unwrap().entries.len(), 1);
+    }
+
+    /// More changes than one etcd transaction takes (--max-txn-ops 128):
+    /// written in batches without If-Match, refused by name with it.
+    #[tokio::test]
+    async fn large_writes_are_batched_never_truncated() {
+        let etcd = Etcd::start();
+        let w = Writer::new(&etcd.store("/t/"));
+        let many: Vec<ValidEntry> = (0..300)
+            .map(|i| {
+                valid(&format!(
+                    r#"{{"cidrBlock":"10.{}.{}.0/24"}}"#,
+                    i / 256,
+                    i % 256
+                ))
+            })
+            .collect();
+        assert!(w
+            .add("billing", &many, None)
+            .await
+            .unwrap()
+            .revision
+            .is_some());
+        assert_eq!(w.list("billing").await.unwrap().entries.len(), 300);
+        let read = w.list("orders").await.unwrap();
+        assert!(matches!(
+            w.add("orders", &many, Some(&read)).await,
+            Err(WriteError::TooMany(m)) if m.contains("128")
+        ));
+        assert!(matches!(
+            w.copy("orders", "billing", Some(&read)).await,
+            Err(WriteError::TooMany(_))
+        ));
+        assert!(w
+            .copy("orders", "billing", None)
+            .await
+            .unwrap()
+            .revision
+            .is_some());
+        assert_eq!(w.list("orders").await.unwrap().entries.len(), 300);
+        assert_eq!(
+            w.copy("orders", "billing", None).await.unwrap().revision,
+            None
+        );
+        // Replacing them all (new comments) also takes several transactions.
+        let again: Vec<ValidEntry> = (0..300)
+            .map(|i| {
+                valid(&format!(
+                    r#"{{"cidrBlock":"10.{}.{}.0/24","comment":"x"}}"#,
+                    i / 256,
+                    i % 256
+                ))
+            })
+            .collect();
+        w.add("orders", &again, None).await.unwrap();
+        let list = w.list("orders").await.unwrap();
+        assert!(list
+            .entries
+            .iter()
+            .all(|s| s.entry.comment.as_deref() == Some("x")));
     }
 
     #[tokio::test]
@@ -429,7 +669,7 @@ mod status_tests {
             .validate(None)
             .unwrap();
         let (written, listing) = super::super::block_on(async {
-            let written = w.add("orders", std::slice::from_ref(&v)).await?;
+            let written = w.add("orders", std::slice::from_ref(&v), None).await?;
             Ok((written, w.list("orders").await?))
         })
         .unwrap();

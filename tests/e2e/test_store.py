@@ -514,3 +514,54 @@ def test_cli_writes_reach_other_hosts(moat, echo, etcd, ports, tmp_path):
     r = run_moat(["access-list", "remove", "-c", str(cfg), "--deployment", "orders", "127.0.0.3"])
     assert r.code == 1
     assert cfg.read_bytes() == before
+
+
+def test_two_writers_with_one_etag_one_gets_412(moat, echo, etcd, ports, tmp_path):
+    """SPEC 6.2: writers holding the same ETag, all at once: exactly one
+    commits, every other one gets 412 and its entry is not stored."""
+    import concurrent.futures
+    port, api = ports(2)
+    cfg, files = api_config(port, api, echo, etcd)
+    moat(cfg, extra_files=files, directory=tmp_path / "a")
+    tag: list = []
+    status, _ = api_call(api, "GET", "/deployments/orders/accessList", etag=tag)
+    assert status == 200 and tag[0]
+    writers = 8
+    with concurrent.futures.ThreadPoolExecutor(writers) as pool:
+        answers = list(pool.map(
+            lambda i: api_call(api, "POST", "/deployments/orders/accessList",
+                               [{"cidrBlock": f"127.0.1.{i}"}], if_match=tag[0])[0],
+            range(writers)))
+    assert sorted(answers) == [201] + [412] * (writers - 1), answers
+    assert len(etcd.keys("/moat/deployments/orders/accessList/")) == 1
+
+
+def test_large_and_repeating_bodies_are_written_whole(moat, echo, etcd, ports, tmp_path):
+    """More entries than one etcd transaction takes, and one CIDR twice in a
+    body: written (the last one wins), never a 500, never truncated."""
+    port, api, billing = ports(3)
+    cfg, files = api_config(port, api, echo, etcd)
+    cfg += f'\n[[deployment]]\nname = "billing"\nlisten = "127.0.0.1:{billing}"\nupstream = "{echo.address}"\n'
+    moat(cfg, extra_files=files, directory=tmp_path / "a")
+    many = [{"cidrBlock": f"10.{i // 256}.{i % 256}.0/24"} for i in range(300)]
+    status, body = api_call(api, "POST", "/deployments/orders/accessList", many)
+    assert status == 201, body
+    assert json.loads(body)["totalCount"] == 300
+    assert len(etcd.keys("/moat/deployments/orders/accessList/")) == 300
+    # A copy of them all, too.
+    status, body = api_call(api, "POST", "/deployments/billing/accessList/copy", {"from": "orders"})
+    assert status == 201, body
+    assert json.loads(body)["totalCount"] == 300
+    # With If-Match it must be one transaction: a 400 naming the limit.
+    tag: list = []
+    api_call(api, "GET", "/deployments/orders/accessList", etag=tag)
+    more = [{"cidrBlock": f"10.9.{i}.0/24"} for i in range(200)]
+    status, body = api_call(api, "POST", "/deployments/orders/accessList", more, if_match=tag[0])
+    assert status == 400 and b"128" in body, body
+    # The same CIDR twice: the last one wins.
+    status, body = api_call(api, "POST", "/deployments/orders/accessList",
+                            [{"cidrBlock": "127.0.0.7", "comment": "first"},
+                             {"cidrBlock": "127.0.0.7/32", "comment": "second"}])
+    assert status == 201, body
+    got = [e for e in json.loads(body)["results"] if e["cidrBlock"] == "127.0.0.7/32"]
+    assert got == [{"cidrBlock": "127.0.0.7/32", "comment": "second"}]
