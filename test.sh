@@ -100,6 +100,8 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --all-targets -- -D warnings
+step "cargo clippy --no-default-features (the build without the EC2 resolver)"
+cargo clippy --no-default-features --all-targets -- -D warnings
 step "cargo test"
 cargo test --all-targets
 step "cargo build"

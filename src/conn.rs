@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_rustls::server::TlsStream;
 
 /// Daemon phases every connection watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,7 +118,7 @@ impl Stage {
 
 /// What set-up has learnt so far; read when its deadline passes.
 struct Progress {
-    stage: StageCell<Stage>,
+    stage: StageCell,
     /// The deployment whose counters a failure is charged to.
     deployment: AtomicUsize,
     source: Mutex<IpAddr>,
@@ -134,11 +135,11 @@ impl Progress {
 }
 
 /// A `Stage` that the set-up future and its deadline both see.
-struct StageCell<T>(AtomicU8, std::marker::PhantomData<T>);
+struct StageCell(AtomicU8);
 
-impl StageCell<Stage> {
+impl StageCell {
     fn new(s: Stage) -> Self {
-        StageCell(AtomicU8::new(s as u8), std::marker::PhantomData)
+        StageCell(AtomicU8::new(s as u8))
     }
 
     fn set(&self, s: Stage) {
@@ -167,6 +168,28 @@ struct Ready {
 }
 
 impl Ready {
+    /// A terminated TLS client; its handshake, begun at `start`, is observed.
+    fn tls(
+        client: TlsStream<Rewind<TcpStream>>,
+        permit: Permit,
+        slot: Slot,
+        sni: Option<String>,
+        start: Instant,
+    ) -> Ready {
+        slot.state
+            .metrics
+            .tls_handshake
+            .observe(start.elapsed().as_secs_f64());
+        Ready {
+            client: Client::Tls(Box::new(client)),
+            prefix: Vec::new(),
+            permit,
+            slot,
+            tls: true,
+            sni,
+        }
+    }
+
     /// A plaintext client, with the bytes set-up read from it.
     fn plain(stream: TcpStream, prefix: Vec<u8>, permit: Permit, slot: Slot) -> Ready {
         Ready {
@@ -394,19 +417,8 @@ impl Setup<'_> {
             .accept(Rewind::new(&prefix, stream))
             .await
             .map_err(|e| SetupError::Tls(e.to_string()))?;
-        slot.state
-            .metrics
-            .tls_handshake
-            .observe(start.elapsed().as_secs_f64());
         let sni = client.get_ref().1.server_name().map(str::to_owned);
-        Ok(Ready {
-            client: Client::Tls(Box::new(client)),
-            prefix: Vec::new(),
-            permit,
-            slot,
-            tls: true,
-            sni,
-        })
+        Ok(Ready::tls(client, permit, slot, sni, start))
     }
 
     /// Several deployments on this address: route by SNI, then admit again.
@@ -456,18 +468,7 @@ impl Setup<'_> {
             .into_stream(server)
             .await
             .map_err(|e| SetupError::Tls(e.to_string()))?;
-        slot.state
-            .metrics
-            .tls_handshake
-            .observe(start.elapsed().as_secs_f64());
-        Ok(Ready {
-            client: Client::Tls(Box::new(client)),
-            prefix: Vec::new(),
-            permit,
-            slot,
-            tls: true,
-            sni,
-        })
+        Ok(Ready::tls(client, permit, slot, sni, start))
     }
 
     /// Admits again against the rules in force now, then dials the
