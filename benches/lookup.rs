@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use moat::rules::{linear_lookup, RuleTable};
+use moat::policy::rules::{linear_lookup, RuleTable};
 use prefix_trie::PrefixMap;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

@@ -2,11 +2,11 @@
 //! `Phase` watch; the drain is bounded by `shutdown_grace`.
 
 use crate::config::{self, Diagnostic};
-use crate::conn::Phase;
-use crate::listener::Listeners;
-use crate::reload::{self, Reloader, Reloads};
-use crate::snapshot::Snapshot;
-use crate::state::Shared;
+use crate::control::reload::{self, Reloader, Reloads};
+use crate::data::conn::Phase;
+use crate::data::listener::Listeners;
+use crate::data::state::Shared;
+use crate::policy::snapshot::Snapshot;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -65,7 +65,7 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
     let config = Arc::new(config);
     // The fleet store's entries are in force before any listener is bound.
     let store = match &config.store {
-        Some(s) => Some(crate::fleet::start(s).await),
+        Some(s) => Some(crate::policy::fleet::start(s).await),
         None => None,
     };
     let entries = store
@@ -85,7 +85,7 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
         }
     }
     if let Some(addr) = config.server.admin_listen {
-        if let Err(e) = crate::admin::start(addr, shared.clone()) {
+        if let Err(e) = crate::control::admin::start(addr, shared.clone()) {
             tracing::error!("cannot serve admin_listen {addr}: {e}");
             return 1;
         }
@@ -93,15 +93,17 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
     // Asked by the API after a write: reload now, without the watcher's settle.
     let reload_now = Arc::new(tokio::sync::Notify::new());
     if let Some(api) = &config.api {
-        if let Err(e) = crate::api::start(api.listen, path, shared.clone(), reload_now.clone()) {
+        if let Err(e) =
+            crate::control::api::start(api.listen, path, shared.clone(), reload_now.clone())
+        {
             tracing::error!("cannot serve [api] listen {}: {e}", api.listen);
             return 1;
         }
     }
     reload::mark_success();
     shared.ready.store(true, Ordering::Release);
-    crate::systemd::ready();
-    crate::systemd::spawn_watchdog();
+    crate::control::systemd::ready();
+    crate::control::systemd::spawn_watchdog();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         deployments = config.deployments.len(),
@@ -109,11 +111,18 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
     );
 
     let reloads = Reloads::start(Reloader::new(shared.clone(), path.to_path_buf(), listeners));
-    crate::watch::spawn(shared.clone(), reloads.clone());
+    crate::control::watch::spawn(shared.clone(), reloads.clone());
     tokio::spawn(reload::expire_rules(shared.clone(), reloads.clone()));
     tokio::spawn(reload::summarise_refusals(shared.clone()));
-    tokio::spawn(crate::groups::refresh_loop(shared.clone(), reloads.clone()));
-    tokio::spawn(crate::fleet::run(shared.clone(), reloads.clone(), store));
+    tokio::spawn(crate::policy::groups::refresh_loop(
+        shared.clone(),
+        reloads.clone(),
+    ));
+    tokio::spawn(crate::policy::fleet::run(
+        shared.clone(),
+        reloads.clone(),
+        store,
+    ));
     {
         let reloads = reloads.clone();
         tokio::spawn(async move {
@@ -139,7 +148,7 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
     // Drain: stop accepting at once, let connections finish within the grace.
     let grace = shared.live.load().snap.config.server.shutdown_grace;
     tracing::info!(grace = %humantime::format_duration(grace), active = shared.active_connections(), "shutting down: no longer accepting");
-    crate::systemd::stopping();
+    crate::control::systemd::stopping();
     shared.phase.send_replace(Phase::Draining);
     reloads.stop().await;
     let deadline = Instant::now() + grace;

@@ -2,9 +2,9 @@
 //! `connections`, `plan`, `api-key`, `--version`.
 
 use clap::{Parser, Subcommand};
-use moat::admission::admit;
 use moat::config::{self, Config, Plan};
-use moat::snapshot::Snapshot;
+use moat::policy::admission::admit;
+use moat::policy::snapshot::Snapshot;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -128,7 +128,12 @@ enum AccessAction {
     Remove {
         #[command(flatten)]
         target: Target,
+        /// A CIDR, a bare address, or an sg-… id (in any account, or the one
+        /// --aws-account names).
         entry: String,
+        /// Remove the group's entry in this account only (12 digits).
+        #[arg(long, value_name = "ID")]
+        aws_account: Option<String>,
     },
     /// Copy another deployment's own entries (those missing here).
     Copy {
@@ -184,9 +189,16 @@ fn access_list(action: AccessAction) -> i32 {
                 aws_account,
             },
         ),
-        AccessAction::Remove { target, entry } => {
-            cli::remove(&target.config.path(), &target.deployment, &entry)
-        }
+        AccessAction::Remove {
+            target,
+            entry,
+            aws_account,
+        } => cli::remove(
+            &target.config.path(),
+            &target.deployment,
+            &entry,
+            aws_account,
+        ),
         AccessAction::Copy { target, from } => {
             cli::copy(&target.config.path(), &target.deployment, &from)
         }
@@ -336,11 +348,11 @@ fn clone_for_summary(c: &Config) -> Config {
 /// that `explain` answers as the daemon would (file members only if the API
 /// cannot be reached within a few seconds).
 #[cfg(feature = "aws")]
-fn resolve_groups(config: &Config) -> moat::snapshot::GroupMembers {
+fn resolve_groups(config: &Config) -> moat::policy::snapshot::GroupMembers {
     let Some(settings) = config.security_groups.aws.as_ref() else {
         return Default::default();
     };
-    let groups = moat::groups::referenced(config);
+    let groups = moat::policy::groups::referenced(config);
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -349,8 +361,8 @@ fn resolve_groups(config: &Config) -> moat::snapshot::GroupMembers {
     };
     rt.block_on(async {
         let work = async {
-            let ec2 = moat::ec2::Ec2::new(settings).await;
-            moat::groups::resolve_all(&ec2, &groups, &Default::default()).await.0
+            let ec2 = moat::policy::ec2::Ec2::new(settings).await;
+            moat::policy::groups::resolve_all(&ec2, &groups, &Default::default()).await.0
         };
         match tokio::time::timeout(std::time::Duration::from_secs(10), work).await {
             Ok(members) => members,
@@ -363,7 +375,7 @@ fn resolve_groups(config: &Config) -> moat::snapshot::GroupMembers {
 }
 
 #[cfg(not(feature = "aws"))]
-fn resolve_groups(_: &Config) -> moat::snapshot::GroupMembers {
+fn resolve_groups(_: &Config) -> moat::policy::snapshot::GroupMembers {
     Default::default()
 }
 
@@ -381,7 +393,7 @@ fn explain(path: &std::path::Path, deployment: &str, ip: &str) -> i32 {
         );
         return 2;
     };
-    let ip = moat::addr::canonical(ip);
+    let ip = moat::policy::addr::canonical(ip);
     let resolved = Arc::new(resolve_groups(&config));
     // With a fleet store: the entries the daemon last applied (its cache).
     let store = config
@@ -389,7 +401,7 @@ fn explain(path: &std::path::Path, deployment: &str, ip: &str) -> i32 {
         .as_ref()
         .and_then(|s| {
             Some(
-                moat::fleet::cache::load(s.cache.as_ref()?, &s.prefix)
+                moat::policy::fleet::cache::load(s.cache.as_ref()?, &s.prefix)
                     .ok()?
                     .entries(),
             )

@@ -1,6 +1,6 @@
 //! Fuzz target: the first-bytes classifier and the ClientHello SNI reader.
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = moat::classify::classify(data);
-    let _ = moat::classify::sni(data);
+    let _ = moat::data::classify::classify(data);
+    let _ = moat::data::classify::sni(data);
 });

@@ -188,25 +188,27 @@ impl Validator<'_> {
                 let c = self.read_named(&t.cert, "API certificate file");
                 let k = self.read_named(&t.key, "API private key file");
                 if let (Some(c), Some(k)) = (c, k) {
-                    let files = crate::tls::Files {
+                    let files = crate::data::tls::Files {
                         cert: &c.1,
                         key: &k.1,
                         client_ca: None,
                         tls13_only: false,
                     };
-                    match crate::tls::server_config(&files) {
+                    match crate::data::tls::server_config(&files) {
                         Ok(loaded) => {
                             let mut config = (*loaded.config).clone();
                             config.alpn_protocols = vec![b"http/1.1".to_vec()];
                             tls = Some(Arc::new(config));
                             cert = Some(c.0);
                         }
-                        Err(e) => {
-                            let (at, path) = match e {
-                                crate::tls::TlsFileError::Key(_) => (&t.key, &k.0),
-                                _ => (&t.cert, &c.0),
-                            };
-                            self.err(at, format!("[api] tls: {}: {e}", path.display()));
+                        Err(errors) => {
+                            for e in errors {
+                                let (at, path) = match e {
+                                    crate::data::tls::TlsFileError::Key(_) => (&t.key, &k.0),
+                                    _ => (&t.cert, &c.0),
+                                };
+                                self.err(at, format!("[api] tls: {}: {e}", path.display()));
+                            }
                         }
                     }
                 }

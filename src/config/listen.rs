@@ -243,13 +243,13 @@ mod tests {
                 let mut outcome = None;
                 for _ in 0..10 {
                     let any = SocketAddr::new(a.parse().unwrap(), 0);
-                    let Ok(first) = crate::listener::bind(any, av6) else {
+                    let Ok(first) = crate::data::listener::bind(any, av6) else {
                         continue;
                     };
                     let port = first.local_addr().unwrap().port();
                     let aa = SocketAddr::new(a.parse().unwrap(), port);
                     let bb = SocketAddr::new(b.parse().unwrap(), port);
-                    let refused = crate::listener::bind(bb, bv6).is_err();
+                    let refused = crate::data::listener::bind(bb, bv6).is_err();
                     outcome = Some((aa, bb, refused));
                     if refused == bind_conflict(aa, av6, bb, bv6) {
                         break;

@@ -6,7 +6,7 @@
 use super::client::Client;
 use super::edit::{Edited, FileStore};
 use super::StoreError;
-use crate::access::{parse_key, Entry};
+use crate::policy::access::{parse_key, Entry};
 use serde_json::Value;
 use std::path::Path;
 use std::time::SystemTime;
@@ -178,8 +178,8 @@ pub fn add(config: &Path, deployment: &str, new: NewEntry) -> i32 {
     }
 }
 
-pub fn remove(config: &Path, deployment: &str, entry: &str) -> i32 {
-    let key = match parse_key(entry) {
+pub fn remove(config: &Path, deployment: &str, entry: &str, aws_account: Option<String>) -> i32 {
+    let key = match parse_key(entry).and_then(|k| k.in_account(aws_account)) {
         Ok(k) => k,
         Err(m) => {
             eprintln!("moat access-list: ENTRY: {m}");

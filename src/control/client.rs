@@ -150,7 +150,7 @@ fn pinned(api: &Api) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: not a PEM certificate file ({e})", cert.display()))?;
-    let provider = crate::tls::provider();
+    let provider = crate::data::tls::provider();
     let verifier = Arc::new(Pinned {
         certs,
         provider: provider.clone(),

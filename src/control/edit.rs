@@ -7,9 +7,9 @@
 //! the daemon never lose each other's update.
 
 use super::store::{etag, Listing, StoreError};
-use crate::access::{format_instant, parse_instant, Entry, EntryKey, KeyRef, ValidEntry};
 use crate::config::values::parse_cidr;
 use crate::config::RuleTarget;
+use crate::policy::access::{format_instant, parse_instant, Entry, EntryKey, KeyRef, ValidEntry};
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;

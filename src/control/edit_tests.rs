@@ -2,7 +2,7 @@
 //! result passes `check`, links stay links, read-only files stay untouched.
 
 use super::*;
-use crate::access::parse_key;
+use crate::policy::access::parse_key;
 use std::os::unix::fs::symlink;
 
 const CONFIG: &str = r#"# moat config: comments and layout must survive edits

@@ -1,15 +1,15 @@
 //! The fleet store as the access-list backend of the API and `moat
 //! access-list` (SPEC 6.3, 7): with `[store] etcd`, entries are read from and
-//! written to etcd in transactions (`crate::fleet::write`: create only if
+//! written to etcd in transactions (`crate::policy::fleet::write`: create only if
 //! absent, update and delete only at the revision read), never to the config
 //! file. The config in force still decides which deployments exist and their
 //! plan.
 
 use super::edit::Edited;
 use super::store::{etag, Listing, StoreError};
-use crate::access::{Entry, KeyRef, ValidEntry};
 use crate::config::{Config, Plan};
-use crate::fleet::write::{Listing as WriterListing, WriteError, Writer};
+use crate::policy::access::{Entry, KeyRef, ValidEntry};
+use crate::policy::fleet::write::{Listing as WriterListing, WriteError, Writer};
 use std::sync::Arc;
 use tokio::sync::Mutex;
 

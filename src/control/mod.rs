@@ -1,15 +1,22 @@
-//! The control plane's library: access-list stores and the one edit path
-//! that the HTTP API and `moat access-list` share.
+//! The control plane: what changes the policy and shows the state. The
+//! access-list stores and the one edit path that the HTTP API (`api`) and
+//! `moat access-list` (`cli`, `client`) share; config reloads (`reload`,
+//! `watch`); the admin endpoint (`admin`); systemd notification (`systemd`).
 
+pub mod admin;
+pub mod api;
 pub mod cli;
 pub mod client;
 pub mod edit;
 pub mod etcd;
+pub mod reload;
 pub mod store;
+pub mod systemd;
+pub mod watch;
 
-use crate::access::{format_instant, Entry, KeyRef};
 use crate::config::{Rule, RuleTarget};
-use crate::snapshot::Snapshot;
+use crate::policy::access::{format_instant, Entry, KeyRef};
+use crate::policy::snapshot::Snapshot;
 
 pub use store::{Listing, Store, StoreError};
 
@@ -59,8 +66,8 @@ pub fn in_force(snap: &Snapshot, deployment: &str, entry: &Entry) -> bool {
 pub fn gone(snap: &Snapshot, deployment: &str, key: &KeyRef) -> bool {
     !own_rules(snap, deployment).any(|r| {
         let k = match &r.target {
-            RuleTarget::Cidr(n) => crate::access::EntryKey::Cidr(*n),
-            RuleTarget::Group(g) => crate::access::EntryKey::Group(g.clone()),
+            RuleTarget::Cidr(n) => crate::policy::access::EntryKey::Cidr(*n),
+            RuleTarget::Group(g) => crate::policy::access::EntryKey::Group(g.clone()),
         };
         key.matches(&k)
     })

@@ -3,7 +3,7 @@
 //! fleet store (etcd, SPEC 7) is another variant of [`Store`].
 
 use super::edit::{Edited, FileStore};
-use crate::access::{Entry, KeyRef, ValidEntry};
+use crate::policy::access::{Entry, KeyRef, ValidEntry};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::Arc;

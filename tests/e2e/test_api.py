@@ -221,6 +221,7 @@ def test_every_route(api):
     r = a.call("GET", "/connections")
     assert r.status_code == 200 and r.json() == {"results": [], "totalCount": 0}
     assert a.call("DELETE", "/connections/12345").status_code == 404
+    assert a.call("DELETE", "/connections/abc").status_code == 404
 
     r = a.call("GET", "/openapi.json")
     assert r.status_code == 200 and r.json()["openapi"].startswith("3.1")
@@ -495,6 +496,28 @@ def test_cli_access_list_without_a_daemon(tmp_path):
     code, out, err = run_moat(["access-list", "remove", "203.0.113.7", *c])
     assert code == 0, err
     assert run_moat(["check", "-c", str(cfg)]).code == 0
+
+
+def test_cli_remove_names_the_account_of_a_group(tmp_path):
+    """SPEC 1: `remove` takes --aws-account like `add`: the same sg- id in
+    two accounts is two entries, and the flag removes the one it names."""
+    cfg = tmp_path / "moat.toml"
+    cfg.write_text('[[deployment]]\nname = "orders"\nlisten = "127.0.0.1:1"\nupstream = "127.0.0.1:2"\n')
+    c = ["-c", str(cfg), "--deployment", "orders"]
+    for account in ("111111111111", "222222222222"):
+        code, _, err = run_moat(["access-list", "add", "sg-0a1b2c3d", *c, "--aws-account", account])
+        assert code == 0, err
+    code, _, err = run_moat(["access-list", "remove", "sg-0a1b2c3d", *c, "--aws-account", "111111111111"])
+    assert code == 0, err
+    code, out, err = run_moat(["access-list", "list", *c, "--json"])
+    left = json.loads(out)["results"]
+    assert [(e["awsSecurityGroup"], e["awsAccountId"]) for e in left] == [("sg-0a1b2c3d", "222222222222")]
+    code, _, err = run_moat(["access-list", "remove", "sg-0a1b2c3d", *c, "--aws-account", "111111111111"])
+    assert code == 1 and "no access-list entry" in err
+    code, _, err = run_moat(["access-list", "remove", "10.0.0.0/8", *c, "--aws-account", "111111111111"])
+    assert code == 1 and "--aws-account" in err
+    code, _, err = run_moat(["access-list", "remove", "sg-0a1b2c3d", *c])
+    assert code == 0, err
 
 
 def test_cli_edits_reach_a_running_daemon(api):

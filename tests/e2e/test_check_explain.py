@@ -377,6 +377,25 @@ def test_malformed_certificate_is_named(check, tmp_path):
     assert "server.pem" in res.output, res.output
 
 
+def test_every_problem_of_a_tls_table_is_listed(check, tmp_path):
+    """SPEC 2.1: an invalid file is refused with every problem listed; a bad
+    mode, a bad certificate, a bad key and a missing CA hide none of the others."""
+    ca = CertAuthority(tmp_path / "ca")
+    srv = ca.issue("server")
+    srv.cert_path.write_text("not a certificate\n")
+    srv.key_path.write_text("not a key\n")
+    table = tls_table(srv.cert_path, srv.key_path, tmp_path / "ca" / "missing-ca.pem")
+    res = check(BASE + table.replace('mode = "require"', 'mode = "sometimes"'))
+    assert res.code == 1, res.output
+    for named in ("sometimes", "server.pem", "server-key.pem", "missing-ca.pem"):
+        assert named in res.output, (named, res.output)
+    # An unreadable CA does not stop the certificate and key from being checked.
+    srv2 = ca.issue("other")
+    srv2.key_path.write_text("not a key\n")
+    res = check(BASE + tls_table(srv2.cert_path, srv2.key_path, tmp_path / "ca" / "missing-ca.pem"))
+    assert res.code == 1 and "other-key.pem" in res.output and "missing-ca.pem" in res.output, res.output
+
+
 def test_expired_certificate_is_a_warning(check, tmp_path):
     ca = CertAuthority(tmp_path / "ca")
     now = dt.datetime.now(dt.timezone.utc)

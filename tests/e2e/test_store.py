@@ -416,11 +416,11 @@ def test_store_added_and_removed_by_a_reload(moat, echo, etcd, ports):
 API_KEY = "fleet-test-key-0123456789abcdef"
 
 
-def api_config(port: int, api: int, echo, etcd: Etcd) -> tuple[str, dict]:
+def api_config(port: int, api: int, echo, etcd: Etcd, allow: str = "") -> tuple[str, dict]:
     import hashlib
     digest = hashlib.sha256(API_KEY.encode()).hexdigest()
     keys = f'[[key]]\nname = "portal"\nsha256 = "{digest}"\nrole = "write"\n'
-    cfg = store_config(port, echo, etcd.client_url, extra="") + f"""
+    cfg = store_config(port, echo, etcd.client_url, allow=allow) + f"""
 [api]
 listen = "127.0.0.1:{api}"
 keys = "api-keys.toml"
@@ -447,7 +447,8 @@ def api_call(api: int, method: str, path: str, body=None, if_match: str | None =
 
 def test_api_writes_go_to_etcd_and_answer_once_enforced(moat, echo, etcd, ports, tmp_path):
     port, api, other_port = ports(3)
-    cfg, files = api_config(port, api, echo, etcd)
+    # A host rule in the file: enforced, but not part of the API's (the store's) list.
+    cfg, files = api_config(port, api, echo, etcd, allow='[[deployment.allow]]\ncidr = "127.0.0.9"')
     host = moat(cfg, extra_files=files, directory=tmp_path / "a")
     other = moat(store_config(other_port, echo, etcd.client_url), directory=tmp_path / "b")
     before = host.config_path.read_bytes()
@@ -470,6 +471,7 @@ def test_api_writes_go_to_etcd_and_answer_once_enforced(moat, echo, etcd, ports,
     wait_admitted(port, "127.0.0.5")
     status, body = api_call(api, "GET", "/deployments/orders/accessList")
     assert status == 200 and json.loads(body)["totalCount"] == 2
+    # GET /deployments counts what the list holds (the file's host rule is not in it).
     status, body = api_call(api, "GET", "/deployments")
     assert status == 200 and json.loads(body)["results"][0]["accessListEntries"] == 2
     # If-Match: the ETag of the list as read from etcd; a write by someone else voids it.

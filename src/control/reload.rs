@@ -1,6 +1,6 @@
 //! Reload: files are re-read through the same `config::load` as start-up,
 //! and a valid result is compiled and published in one swap; an invalid one
-//! changes nothing. Triggers: the file watcher (`crate::watch`), SIGHUP,
+//! changes nothing. Triggers: the file watcher (`crate::control::watch`), SIGHUP,
 //! rule expiry and security-group refreshes.
 //!
 //! One task owns the listeners and publishes every generation, in order.
@@ -12,10 +12,10 @@
 //! merged into one that starts when the pending load ends.
 
 use crate::config::{self, Config, ConfigError};
-use crate::listener::Listeners;
+use crate::data::listener::Listeners;
+use crate::data::state::{DeploymentState, Live, Shared};
 use crate::metrics::metrics;
-use crate::snapshot::{GroupMembers, Snapshot, StoreEntries};
-use crate::state::{DeploymentState, Live, Shared};
+use crate::policy::snapshot::{GroupMembers, Snapshot, StoreEntries};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -326,7 +326,7 @@ impl Reloader {
                     let _ = tx.send(Loaded::Unchanged);
                     return;
                 }
-                crate::systemd::reloading();
+                crate::control::systemd::reloading();
                 let loaded = match config::load(&path, SystemTime::now()) {
                     Err(e) => Loaded::Invalid(e),
                     Ok(c) if !force && c.fingerprint == in_force => Loaded::Unchanged,
@@ -372,7 +372,7 @@ impl Reloader {
                 // The files are those in force again (say, a bad edit reverted).
                 metrics().last_reload_successful.set(1);
                 tracing::debug!(trigger = why, "files unchanged; nothing to reload");
-                crate::systemd::ready();
+                crate::control::systemd::ready();
                 notify(p.waiters, false);
                 return;
             }
@@ -388,7 +388,7 @@ impl Reloader {
             Outcome::Done(Loaded::Valid(_)) => false,
         };
         count(published);
-        crate::systemd::ready();
+        crate::control::systemd::ready();
         notify(p.waiters, published);
     }
 
@@ -401,7 +401,7 @@ impl Reloader {
         // configured, and only for groups still referenced.
         let resolved: GroupMembers = match cfg.security_groups.aws {
             Some(_) => {
-                let wanted = crate::groups::referenced(&cfg);
+                let wanted = crate::policy::groups::referenced(&cfg);
                 current
                     .snap
                     .resolved

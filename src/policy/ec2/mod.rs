@@ -171,7 +171,7 @@ impl Ec2 {
             out.extend(
                 page.addresses
                     .into_iter()
-                    .map(|ip| IpNet::from(crate::addr::canonical(ip))),
+                    .map(|ip| IpNet::from(crate::policy::addr::canonical(ip))),
             );
             match page.next_token {
                 Some(next) if Some(&next) == token.as_ref() => {

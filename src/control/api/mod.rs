@@ -15,7 +15,7 @@ pub mod route;
 
 use crate::config::ApiKey;
 use crate::control::Store;
-use crate::state::{RefusalLog, Shared};
+use crate::data::state::{RefusalLog, Shared};
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, State};
 use axum::http::{header, Method, Request, Response};
@@ -37,7 +37,7 @@ pub const MAX_BODY: usize = 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The OpenAPI document, a file of the repository.
-pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 
 /// What every handler reaches.
 pub struct Api {
@@ -71,7 +71,7 @@ pub fn start(
     shared: Arc<Shared>,
     reload_now: Arc<Notify>,
 ) -> std::io::Result<()> {
-    let std_listener = crate::listener::bind(addr, false)?;
+    let std_listener = crate::data::listener::bind(addr, false)?;
     let in_force = shared.clone();
     let api = Arc::new(Api {
         store: Store::running(config, move || in_force.live.load().snap.config.clone()),
@@ -258,7 +258,7 @@ impl Api {
     pub async fn enforced(
         &self,
         arrival: Instant,
-        check: impl Fn(&crate::snapshot::Snapshot) -> bool,
+        check: impl Fn(&crate::policy::snapshot::Snapshot) -> bool,
     ) -> Result<(), ApiError> {
         let deadline = tokio::time::Instant::from_std(arrival + ENFORCE_WITHIN);
         let mut generation = self.shared.generation.subscribe();

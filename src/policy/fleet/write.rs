@@ -7,8 +7,8 @@
 
 use super::client::{self, REQUEST_TIMEOUT};
 use super::view::ACCESS_LIST;
-use crate::access::{Entry, EntryKey, KeyRef, ValidEntry};
 use crate::config::Store;
+use crate::policy::access::{Entry, EntryKey, KeyRef, ValidEntry};
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use tokio::sync::Mutex;
 
@@ -295,10 +295,7 @@ impl Writer {
             let Some(first) = found.first() else {
                 return Err(WriteError::NoEntry {
                     deployment: deployment.to_string(),
-                    entry: match key {
-                        KeyRef::Cidr(n) => n.to_string(),
-                        KeyRef::Group(g) => g.clone(),
-                    },
+                    entry: key.to_string(),
                 });
             };
             let compares = found
@@ -507,7 +504,7 @@ mod tests {
         let (_, removed) = w
             .remove(
                 "orders",
-                &crate::access::parse_key("sg-0a1b2c3d").unwrap(),
+                &crate::policy::access::parse_key("sg-0a1b2c3d").unwrap(),
                 None,
             )
             .await
@@ -516,7 +513,7 @@ mod tests {
         let missing = w
             .remove(
                 "orders",
-                &crate::access::parse_key("10.9.0.0/16").unwrap(),
+                &crate::policy::access::parse_key("10.9.0.0/16").unwrap(),
                 None,
             )
             .await;
@@ -558,7 +555,7 @@ mod tests {
 
         // remove vs add (a deleted key).
         let read = w.list("orders").await.unwrap();
-        let key = crate::access::parse_key("10.1.0.0/16").unwrap();
+        let key = crate::policy::access::parse_key("10.1.0.0/16").unwrap();
         w.remove("orders", &key, Some(&read)).await.unwrap();
         assert_eq!(
             w.copy("orders", "billing", Some(&read)).await,
@@ -569,7 +566,7 @@ mod tests {
         let read = w.list("orders").await.unwrap();
         let a2 = valid(r#"{"cidrBlock":"10.0.0.0/16","comment":"new"}"#);
         w.add("orders", &[a2], Some(&read)).await.unwrap();
-        let key = crate::access::parse_key("10.0.0.0/16").unwrap();
+        let key = crate::policy::access::parse_key("10.0.0.0/16").unwrap();
         assert_eq!(
             w.remove("orders", &key, Some(&read)).await.err(),
             Some(WriteError::Stale)
@@ -693,7 +690,7 @@ mod status_tests {
             std::time::SystemTime::now(),
         )
         .unwrap();
-        let snap = crate::snapshot::Snapshot::compile(
+        let snap = crate::policy::snapshot::Snapshot::compile(
             std::sync::Arc::new(cfg),
             Default::default(),
             std::sync::Arc::new(view.entries()),

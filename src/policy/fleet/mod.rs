@@ -16,7 +16,7 @@ pub use sync::{run, start, Initial};
 pub use view::View;
 pub use write::{WriteError, Writer};
 
-use crate::state::Shared;
+use crate::data::state::Shared;
 use tokio::time::Instant;
 
 /// Waits until this host enforces store revision `revision` (its snapshot
@@ -37,9 +37,9 @@ pub async fn enforced(shared: &Shared, revision: i64, deadline: Instant) -> bool
 /// Whether `snap` enforces `entry` as a fleet-store entry of `deployment`
 /// (the API's per-entry status: ACTIVE, else PENDING).
 pub fn enforces(
-    snap: &crate::snapshot::Snapshot,
+    snap: &crate::policy::snapshot::Snapshot,
     deployment: &str,
-    entry: &crate::access::Entry,
+    entry: &crate::policy::access::Entry,
 ) -> bool {
     let Ok(valid) = entry.validate(None) else {
         return false;

@@ -28,16 +28,16 @@
 //! that the long-lived task of an idle connection holds only the forwarding
 //! state.
 
-use crate::addr::canonical;
-use crate::admission::{admit, readmit, Permit};
-use crate::classify::{classify, FirstBytes};
 use crate::config::TlsMode;
+use crate::data::classify::{classify, FirstBytes};
+use crate::data::proxy_header::{self, Origin, Prefix};
+use crate::data::registry::NewConn;
+use crate::data::rewind::Rewind;
+use crate::data::session::{Client, Session};
+use crate::data::state::{DeploymentState, Live, Shared, Slot};
 use crate::metrics::Outcome;
-use crate::proxy_header::{self, Origin, Prefix};
-use crate::registry::NewConn;
-use crate::rewind::Rewind;
-use crate::session::{Client, Session};
-use crate::state::{DeploymentState, Live, Shared, Slot};
+use crate::policy::addr::canonical;
+use crate::policy::admission::{admit, readmit, Permit};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

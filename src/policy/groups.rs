@@ -4,10 +4,10 @@
 //! A failed or partial refresh keeps the group's last known members.
 
 use crate::config::{Config, GroupKey, RuleTarget};
-use crate::reload::Reloads;
+use crate::control::reload::Reloads;
+use crate::data::state::Shared;
 #[cfg(feature = "aws")]
-use crate::snapshot::GroupMembers;
-use crate::state::Shared;
+use crate::policy::snapshot::GroupMembers;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 #[cfg(feature = "aws")]
@@ -50,7 +50,7 @@ fn next_wait(refresh: Duration, failures: u32) -> Duration {
 /// in `previous`; the bool says whether all succeeded.
 #[cfg(feature = "aws")]
 pub async fn resolve_all(
-    ec2: &crate::ec2::Ec2,
+    ec2: &crate::policy::ec2::Ec2,
     groups: &BTreeSet<GroupKey>,
     previous: &GroupMembers,
 ) -> (GroupMembers, bool) {
@@ -82,7 +82,7 @@ pub async fn resolve_all(
 async fn configured(
     shared: &Shared,
     generation: &mut tokio::sync::watch::Receiver<u64>,
-) -> Option<Arc<crate::state::Live>> {
+) -> Option<Arc<crate::data::state::Live>> {
     loop {
         let live = shared.live.load_full();
         if live.snap.config.security_groups.aws.is_some() {
@@ -104,7 +104,7 @@ fn warn_file_only(config: &Config, groups: &BTreeSet<GroupKey>) {
 #[cfg(feature = "aws")]
 pub async fn refresh_loop(shared: Arc<Shared>, reloads: Reloads) {
     let mut generation = shared.generation.subscribe();
-    let mut client: Option<(crate::config::AwsResolver, crate::ec2::Ec2)> = None;
+    let mut client: Option<(crate::config::AwsResolver, crate::policy::ec2::Ec2)> = None;
     let mut failures = 0u32;
     let mut warned = false;
     while let Some(live) = configured(&shared, &mut generation).await {
@@ -117,7 +117,10 @@ pub async fn refresh_loop(shared: Arc<Shared>, reloads: Reloads) {
             warn_file_only(config, &groups);
         }
         if client.as_ref().is_none_or(|(s, _)| *s != settings) {
-            client = Some((settings.clone(), crate::ec2::Ec2::new(&settings).await));
+            client = Some((
+                settings.clone(),
+                crate::policy::ec2::Ec2::new(&settings).await,
+            ));
         }
         let Some((_, ec2)) = client.as_ref() else {
             continue;

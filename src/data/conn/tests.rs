@@ -12,13 +12,13 @@ async fn a_connection_task_stays_small() {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let now = std::time::SystemTime::now();
     let config = crate::config::load(std::path::Path::new("config/moat.toml"), now).unwrap();
-    let snap = crate::snapshot::Snapshot::compile(
+    let snap = crate::policy::snapshot::Snapshot::compile(
         Arc::new(config),
         Default::default(),
         Default::default(),
         now,
     );
-    let shared = crate::state::Shared::new(crate::reload::build_live(snap, &[]));
+    let shared = crate::data::state::Shared::new(crate::control::reload::build_live(snap, &[]));
     let size = std::mem::size_of_val(&serve(shared, stream, addr, addr));
     assert!(
         size <= 3 * 1024,

@@ -53,6 +53,14 @@ struct Span<K> {
     rule: u32,
 }
 
+/// How many different prefixes `spans` holds.
+fn distinct<K: Key>(spans: &[Span<K>]) -> usize {
+    let mut keys: Vec<(K, u8)> = spans.iter().map(|s| (s.first, s.len)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys.len()
+}
+
 impl<K: Key> Ranges<K> {
     fn push(&mut self, start: K, rule: u32) {
         if self.rules.last() == Some(&rule) {
@@ -168,7 +176,9 @@ impl RuleTable {
                 }),
             }
         }
-        let prefixes = v4.len() + v6.len();
+        // The same prefix from several rules (a copy, a group member also
+        // listed by CIDR) is one effective prefix.
+        let prefixes = distinct(&v4) + distinct(&v6);
         RuleTable {
             v4: Ranges::build(v4),
             v6: Ranges::build(v6),
@@ -180,7 +190,7 @@ impl RuleTable {
     /// addresses are matched as IPv4.
     #[inline]
     pub fn lookup(&self, ip: IpAddr) -> Option<u32> {
-        match crate::addr::canonical(ip) {
+        match crate::policy::addr::canonical(ip) {
             IpAddr::V4(a) => self.v4.lookup(u32::from(a)),
             IpAddr::V6(a) => self.v6.lookup(u128::from(a)),
         }
@@ -200,7 +210,7 @@ impl RuleTable {
 /// The reference answer: a linear scan for the longest containing prefix.
 /// Used by the property test and the benchmarks, never on the data path.
 pub fn linear_lookup(prefixes: &[(IpNet, u32)], ip: IpAddr) -> Option<u32> {
-    let ip = crate::addr::canonical(ip);
+    let ip = crate::policy::addr::canonical(ip);
     let mut best: Option<(u8, u32)> = None;
     for (net, rule) in prefixes {
         if net.contains(&ip) {
@@ -246,6 +256,19 @@ mod tests {
         assert_eq!(t.lookup(ip("2001:db8::1")), Some(4));
         assert_eq!(t.lookup(ip("2001:db9::1")), None);
         assert_eq!(t.prefixes(), 5);
+    }
+
+    #[test]
+    fn a_prefix_from_several_rules_counts_once() {
+        let t = RuleTable::build(vec![
+            (net("10.0.0.0/8"), 0),
+            (net("10.0.0.0/8"), 1),
+            (net("10.0.0.0/9"), 1),
+            (net("2001:db8::/32"), 2),
+            (net("2001:db8::/32"), 0),
+        ]);
+        assert_eq!(t.prefixes(), 3);
+        assert_eq!(t.lookup("10.1.0.0".parse().unwrap()), Some(1));
     }
 
     #[test]

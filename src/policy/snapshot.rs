@@ -4,7 +4,7 @@
 //! deployment's own rules are its `allow` tables plus its fleet-store entries.
 
 use crate::config::{Config, Deployment, GroupKey, Plan, Rule, RuleTarget};
-use crate::rules::RuleTable;
+use crate::policy::rules::RuleTable;
 use ipnet::IpNet;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;

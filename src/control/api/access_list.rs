@@ -4,8 +4,8 @@
 
 use super::error::{json, ApiError};
 use super::{Api, Ctx};
-use crate::access::{parse_key, Entry, KeyRef, ValidEntry};
 use crate::control::{self, Listing};
+use crate::policy::access::{parse_key, Entry, KeyRef, ValidEntry};
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Response, StatusCode};
 use serde_json::{json, Map, Value};
@@ -51,12 +51,12 @@ pub async fn get(api: &Api, name: &str) -> Result<Response<Body>, ApiError> {
 
 /// Parses and validates the body of a POST: a JSON array of entries.
 fn parse_entries(body: &[u8]) -> Result<Vec<(Entry, ValidEntry)>, ApiError> {
-    crate::access::parse_entries(body, SystemTime::now())
+    crate::policy::access::parse_entries(body, SystemTime::now())
         .map_err(|e| ApiError::BadRequest(e.error, e.detail))
 }
 
 /// The stored entries with these keys, as the listing has them.
-fn stored<'l>(l: &'l Listing, keys: &[&crate::access::EntryKey]) -> Vec<&'l Entry> {
+fn stored<'l>(l: &'l Listing, keys: &[&crate::policy::access::EntryKey]) -> Vec<&'l Entry> {
     l.entries
         .iter()
         .filter(|e| e.validate(None).is_ok_and(|v| keys.contains(&&v.key)))

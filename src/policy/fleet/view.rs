@@ -3,9 +3,9 @@
 //! or why it is ignored). Reads and watch events change it; it turns into
 //! the `StoreEntries` a snapshot compiles, and into the cache file.
 
-use crate::access::Entry;
 use crate::config::{Rule, RuleTarget};
-use crate::snapshot::StoreEntries;
+use crate::policy::access::Entry;
+use crate::policy::snapshot::StoreEntries;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 

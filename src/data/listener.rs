@@ -2,7 +2,7 @@
 //! that never dies of one connection, and reconciled with the config on reload.
 
 use crate::config::ListenerSpec;
-use crate::state::Shared;
+use crate::data::state::Shared;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::collections::HashMap;
 use std::io;
@@ -108,7 +108,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, addr: SocketAdd
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(crate::conn::serve(shared.clone(), stream, peer, addr));
+                tokio::spawn(crate::data::conn::serve(shared.clone(), stream, peer, addr));
             }
             Err(e) if exhausted(&e) => {
                 tracing::warn!(listen = %addr, error = %e, "cannot accept: out of resources; backing off");

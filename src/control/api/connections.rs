@@ -4,8 +4,8 @@
 use super::auth::forbidden_deployment;
 use super::error::{json, ApiError};
 use super::{Api, Ctx};
-use crate::access::format_instant;
-use crate::registry::ConnInfo;
+use crate::data::registry::ConnInfo;
+use crate::policy::access::format_instant;
 use axum::body::Body;
 use axum::http::{Response, StatusCode};
 use serde_json::{json, Value};
@@ -55,11 +55,13 @@ pub fn close(api: &Api, ctx: &Ctx, id: &str) -> Result<Response<Body>, ApiError>
         let msg = format!("there is no live connection {id}");
         ApiError::NotFound(msg.clone(), vec![format!("id: {msg}")])
     };
+    // Any id that names no live connection is 404, a malformed one included
+    // (SPEC 6.2: "404 when gone"); the message says what an id looks like.
     let Ok(n) = id.parse::<u64>() else {
-        return Err(ApiError::bad(
-            "the path does not name a connection",
-            format!("id: \"{id}\" is not a connection id (a whole number, as GET /connections lists them)"),
-        ));
+        let msg = format!(
+            "there is no live connection {id} (ids are whole numbers, as GET /connections lists them)"
+        );
+        return Err(ApiError::NotFound(msg.clone(), vec![format!("id: {msg}")]));
     };
     let conn = api.shared.registry.list().into_iter().find(|c| c.id == n);
     let result = match &conn {

@@ -197,23 +197,31 @@ pub const MAX_COMMENT: usize = 1024;
 pub fn parse_key(text: &str) -> Result<KeyRef, String> {
     if text.starts_with("sg-") {
         check_group_id(text)?;
-        return Ok(KeyRef::Group(text.to_string()));
+        return Ok(KeyRef::Group {
+            id: text.to_string(),
+            account: None,
+        });
     }
     parse_cidr(text).map(KeyRef::Cidr)
 }
 
-/// An entry named in a path: a security group is named by its id alone.
+/// An entry named in a path: a security group is named by its id, in any
+/// account unless `moat access-list remove --aws-account` names one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyRef {
     Cidr(IpNet),
-    Group(String),
+    Group { id: String, account: Option<String> },
 }
 
 impl fmt::Display for KeyRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KeyRef::Cidr(n) => write!(f, "{n}"),
-            KeyRef::Group(g) => f.write_str(g),
+            KeyRef::Group { id, account: None } => f.write_str(id),
+            KeyRef::Group {
+                id,
+                account: Some(a),
+            } => write!(f, "{id} (account {a})"),
         }
     }
 }
@@ -222,8 +230,28 @@ impl KeyRef {
     pub fn matches(&self, key: &EntryKey) -> bool {
         match (self, key) {
             (KeyRef::Cidr(a), EntryKey::Cidr(b)) => a == b,
-            (KeyRef::Group(a), EntryKey::Group(b)) => *a == b.id,
+            (KeyRef::Group { id, account }, EntryKey::Group(b)) => {
+                *id == b.id && account.as_ref().is_none_or(|a| *a == b.account)
+            }
             _ => false,
+        }
+    }
+
+    /// The same key narrowed to one AWS account (`--aws-account`), which only
+    /// a security group has.
+    pub fn in_account(self, account: Option<String>) -> Result<KeyRef, String> {
+        let Some(a) = account else {
+            return Ok(self);
+        };
+        check_account(&a)?;
+        match self {
+            KeyRef::Group { id, .. } => Ok(KeyRef::Group {
+                id,
+                account: Some(a),
+            }),
+            KeyRef::Cidr(n) => Err(format!(
+                "--aws-account names the account of a security group; {n} is a CIDR (leave --aws-account out)"
+            )),
         }
     }
 }
@@ -452,5 +480,27 @@ mod tests {
         assert!(k.matches(&EntryKey::Cidr("10.0.0.0/16".parse().unwrap())));
         assert!(parse_key("sg-0a1b2c3d").is_ok());
         assert!(parse_key("10.0.0.1/16").is_err());
+    }
+
+    #[test]
+    fn a_group_key_narrowed_to_one_account() {
+        let group = |account: &str| {
+            EntryKey::Group(GroupKey {
+                account: account.to_string(),
+                id: "sg-0a1b2c3d".to_string(),
+            })
+        };
+        let any = parse_key("sg-0a1b2c3d").unwrap();
+        assert!(any.matches(&group("111111111111")) && any.matches(&group("222222222222")));
+        let one = any.in_account(Some("111111111111".into())).unwrap();
+        assert!(one.matches(&group("111111111111")));
+        assert!(!one.matches(&group("222222222222")));
+        assert_eq!(one.to_string(), "sg-0a1b2c3d (account 111111111111)");
+        let cidr = parse_key("10.0.0.0/16").unwrap();
+        assert!(cidr.in_account(Some("111111111111".into())).is_err());
+        let bad = parse_key("sg-0a1b2c3d")
+            .unwrap()
+            .in_account(Some("12".into()));
+        assert!(bad.unwrap_err().contains("12 digits"));
     }
 }

@@ -2,7 +2,7 @@
 //! from anything else (plaintext MongoDB), and reads the SNI name of a
 //! ClientHello. Pure functions over bytes, shared by the data path and fuzzing.
 
-use crate::proxy_header::{self, Prefix};
+use crate::data::proxy_header::{self, Prefix};
 
 /// What a connection's first bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +70,7 @@ mod tests {
     #[test]
     fn reads_sni_of_a_real_client_hello() {
         // Captured from Python's ssl module (the fuzz seed of first_bytes).
-        let hello = include_bytes!("../fuzz/corpus/first_bytes/client_hello_sni");
+        let hello = include_bytes!("../../fuzz/corpus/first_bytes/client_hello_sni");
         assert_eq!(classify(hello), FirstBytes::Tls);
         assert_eq!(
             sni(hello).unwrap().as_deref(),

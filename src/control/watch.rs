@@ -11,8 +11,8 @@
 //! Runs on a thread of its own: resolving paths on a hung filesystem must
 //! not hold a runtime worker.
 
-use crate::reload::Reloads;
-use crate::state::Shared;
+use crate::control::reload::Reloads;
+use crate::data::state::Shared;
 use notify::{EventKind, RecursiveMode, Watcher};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;

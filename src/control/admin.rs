@@ -3,8 +3,8 @@
 //! that neither a connection flood nor a slow scraper can stall admission
 //! (nor the other way round).
 
-use crate::conn::Phase;
-use crate::state::Shared;
+use crate::data::conn::Phase;
+use crate::data::state::Shared;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -23,7 +23,7 @@ const MAX_CONNECTIONS: usize = 64;
 /// Binds the admin address now (so a bad address fails start-up) and serves
 /// it on a thread of its own.
 pub fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<()> {
-    let std_listener = crate::listener::bind(addr, false)?;
+    let std_listener = crate::data::listener::bind(addr, false)?;
     std::thread::Builder::new()
         .name("moat-admin".into())
         .spawn(move || {
@@ -49,7 +49,7 @@ pub fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<()> {
                         Ok((s, _)) => {
                             let router = router.clone();
                             tokio::spawn(async move {
-                                crate::api::http::serve(s, router).await;
+                                crate::control::api::http::serve(s, router).await;
                                 drop(permit);
                             });
                         }

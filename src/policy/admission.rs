@@ -2,9 +2,9 @@
 //! deployment. It returns a `Permit` (a proof only this module can build)
 //! that the dial and forward stages require, or the reason for refusal.
 
-use crate::addr::canonical;
 use crate::config::Plan;
-use crate::snapshot::Snapshot;
+use crate::policy::addr::canonical;
+use crate::policy::snapshot::Snapshot;
 use ipnet::IpNet;
 use std::fmt;
 use std::net::IpAddr;

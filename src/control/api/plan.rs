@@ -5,9 +5,9 @@
 
 use super::error::{json, ApiError};
 use super::{Api, Ctx};
-use crate::admission::readmit;
 use crate::config::OnRevoke;
-use crate::snapshot::Snapshot;
+use crate::policy::admission::readmit;
+use crate::policy::snapshot::Snapshot;
 use axum::body::Body;
 use axum::http::{Response, StatusCode};
 use ipnet::IpNet;
@@ -39,7 +39,7 @@ pub async fn plan(api: &Api, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
     // One plan at a time, and like a reload bounded in time: a candidate
     // that names a FIFO or a file on a hung mount fails instead of holding
     // the request (and a thread) forever.
-    let limit = crate::reload::LOAD_TIMEOUT;
+    let limit = crate::control::reload::LOAD_TIMEOUT;
     let too_slow = || {
         let error = format!(
             "reading the files the candidate names took longer than {}",

@@ -4,13 +4,13 @@
 //! grace period ends; then one log line. A session keeps what it needs by
 //! value, never a whole config generation, so old rule tables are freed.
 
-use crate::admission::{readmit, Deny};
 use crate::config::OnRevoke;
-use crate::conn::Phase;
-use crate::forward::{self, Activity, Counter, Meter, Totals};
-use crate::registry::Registration;
-use crate::rewind::Rewind;
-use crate::state::{Shared, Slot};
+use crate::data::conn::Phase;
+use crate::data::forward::{self, Activity, Counter, Meter, Totals};
+use crate::data::registry::Registration;
+use crate::data::rewind::Rewind;
+use crate::data::state::{Shared, Slot};
+use crate::policy::admission::{readmit, Deny};
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 
 use crate::config::Limits;
 use crate::metrics::DeploymentMetrics;
-use crate::snapshot::Snapshot;
+use crate::policy::snapshot::Snapshot;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -90,13 +90,13 @@ pub struct Shared {
     pub generation: watch::Sender<u64>,
     global_active: AtomicUsize,
     /// Running, draining or closing: the lifecycle every task watches.
-    pub phase: watch::Sender<crate::conn::Phase>,
+    pub phase: watch::Sender<crate::data::conn::Phase>,
     /// Set once every listener is bound (for `/readyz`).
     pub ready: std::sync::atomic::AtomicBool,
     /// When the daemon started, for the coarse clocks below.
     pub epoch: Instant,
     /// Live (forwarding) connections, for the API.
-    pub registry: Arc<crate::registry::Registry>,
+    pub registry: Arc<crate::data::registry::Registry>,
     /// Connections per source on an address several deployments share,
     /// before the ClientHello names their deployment (no deployment's caps
     /// are touched until then).
@@ -109,7 +109,7 @@ impl Shared {
             live: ArcSwap::from_pointee(live),
             generation: watch::channel(0).0,
             global_active: AtomicUsize::new(0),
-            phase: watch::channel(crate::conn::Phase::Running).0,
+            phase: watch::channel(crate::data::conn::Phase::Running).0,
             ready: std::sync::atomic::AtomicBool::new(false),
             epoch: Instant::now(),
             registry: Arc::default(),
