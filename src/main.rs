@@ -433,7 +433,12 @@ fn explain(path: &std::path::Path, deployment: &str, ip: &str) -> i32 {
                 None => println!("allow {deployment} {ip}: plan = \"shared\" admits every source"),
                 Some((net, src)) => {
                     let source = &compiled.sources[src as usize];
-                    let mut extra = String::new();
+                    // stdout is the one line of SPEC 1; where the rule
+                    // came from goes to stderr, indented, for the operator.
+                    println!(
+                        "allow {deployment} {ip} by \"{}\" ({net})",
+                        source.description
+                    );
                     if let Some(g) = &source.group {
                         let from_file = snap
                             .config
@@ -446,21 +451,17 @@ fn explain(path: &std::path::Path, deployment: &str, ip: &str) -> i32 {
                         } else {
                             "EC2 API"
                         };
-                        extra.push_str(&format!(
-                            ", member of security group {} of account {} ({origin})",
+                        eprintln!(
+                            "  member of security group {} of account {} ({origin})",
                             g.id, g.account
-                        ));
+                        );
                     }
                     if source.owner != index {
-                        extra.push_str(&format!(
-                            ", copied from deployment \"{}\"",
+                        eprintln!(
+                            "  copied from deployment \"{}\"",
                             snap.config.deployments[source.owner].name
-                        ));
+                        );
                     }
-                    println!(
-                        "allow {deployment} {ip} by \"{}\" ({net}{extra})",
-                        source.description
-                    );
                 }
             }
             0

@@ -43,6 +43,9 @@ impl Outcome {
 
 pub struct Metrics {
     pub registry: Registry,
+    /// Every family registered, so that one with no series yet (no API
+    /// request, no security group) is still announced by HELP and TYPE.
+    families: Vec<Family>,
     connections: IntCounterVec,
     active: IntGaugeVec,
     bytes: IntCounterVec,
@@ -69,10 +72,37 @@ pub struct StoreMetrics {
     pub invalid: IntGaugeVec,
 }
 
-fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
-    r.register(Box::new(c.clone()))
-        .expect("metric names are unique");
-    c
+/// A metric family's name, help and type, as announced in the exposition.
+struct Family {
+    name: String,
+    help: String,
+    kind: &'static str,
+}
+
+/// The registry being built, and what it holds.
+struct Builder {
+    registry: Registry,
+    families: std::cell::RefCell<Vec<Family>>,
+}
+
+impl Builder {
+    fn register<T: prometheus::core::Collector + Clone + 'static>(
+        &self,
+        kind: &'static str,
+        c: T,
+    ) -> T {
+        for d in c.desc() {
+            self.families.borrow_mut().push(Family {
+                name: d.fq_name.clone(),
+                help: d.help.clone(),
+                kind,
+            });
+        }
+        self.registry
+            .register(Box::new(c.clone()))
+            .expect("metric names are unique");
+        c
+    }
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -80,19 +110,25 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    let r = Registry::new();
+    let r = Builder {
+        registry: Registry::new(),
+        families: Default::default(),
+    };
     let counter = |name: &str, help: &str, labels: &[&str]| {
-        register(
-            &r,
+        r.register(
+            "counter",
             IntCounterVec::new(Opts::new(name, help), labels).unwrap(),
         )
     };
     let gauge = |name: &str, help: &str, labels: &[&str]| {
-        register(&r, IntGaugeVec::new(Opts::new(name, help), labels).unwrap())
+        r.register(
+            "gauge",
+            IntGaugeVec::new(Opts::new(name, help), labels).unwrap(),
+        )
     };
     let hist = |name: &str, help: &str| {
-        register(
-            &r,
+        r.register(
+            "histogram",
             HistogramVec::new(
                 HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
                 &["deployment"],
@@ -126,8 +162,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Live connections closed because the rules no longer admit them.",
             &["deployment"],
         ),
-        cert_expiry: register(
-            &r,
+        cert_expiry: r.register(
+            "gauge",
             GaugeVec::new(
                 Opts::new(
                     "moat_tls_certificate_expiry_timestamp_seconds",
@@ -157,16 +193,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "EC2 security-group refreshes by result.",
             &["result"],
         ),
-        last_reload_successful: register(
-            &r,
+        last_reload_successful: r.register(
+            "gauge",
             IntGauge::new(
                 "moat_config_last_reload_successful",
                 "1 if the last reload succeeded.",
             )
             .unwrap(),
         ),
-        last_reload_success_timestamp: register(
-            &r,
+        last_reload_success_timestamp: r.register(
+            "gauge",
             Gauge::new(
                 "moat_config_last_reload_success_timestamp_seconds",
                 "When the config was last loaded successfully.",
@@ -174,16 +210,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             .unwrap(),
         ),
         store: StoreMetrics {
-            connected: register(
-                &r,
+            connected: r.register(
+                "gauge",
                 IntGauge::new(
                     "moat_store_connected",
                     "1 while the fleet store's watch is live.",
                 )
                 .unwrap(),
             ),
-            revision: register(
-                &r,
+            revision: r.register(
+                "gauge",
                 IntGauge::new(
                     "moat_store_revision",
                     "The etcd revision of the last read or watch event applied.",
@@ -206,7 +242,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Access-list API requests by route template, method and status code.",
             &["route", "method", "code"],
         ),
-        registry: r,
+        registry: r.registry,
+        families: r.families.into_inner(),
     }
 });
 
@@ -225,8 +262,21 @@ pub fn init() {
 
 /// The Prometheus text exposition of every metric.
 pub fn render() -> Vec<u8> {
+    let m = metrics();
     let mut out = Vec::with_capacity(16 * 1024);
-    let _ = TextEncoder::new().encode(&metrics().registry.gather(), &mut out);
+    let gathered = m.registry.gather();
+    let _ = TextEncoder::new().encode(&gathered, &mut out);
+    // A family with no series yet is left out by the encoder: announce it,
+    // so that every metric of SPEC section 4 is in every scrape.
+    for f in &m.families {
+        if !gathered.iter().any(|g| g.name() == f.name) {
+            let text = format!(
+                "# HELP {} {}\n# TYPE {} {}\n",
+                f.name, f.help, f.name, f.kind
+            );
+            out.extend_from_slice(text.as_bytes());
+        }
+    }
     out
 }
 
@@ -275,5 +325,23 @@ impl DeploymentMetrics {
         let _ = m.revoked.remove_label_values(&[deployment]);
         let _ = m.cert_expiry.remove_label_values(&[deployment]);
         let _ = m.rules.remove_label_values(&[deployment]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_announced_with_or_without_series() {
+        let text = String::from_utf8(render()).unwrap();
+        let families = &metrics().families;
+        assert!(families.len() >= 17, "{} families", families.len());
+        for f in families {
+            let line = format!("# TYPE {} {}\n", f.name, f.kind);
+            assert_eq!(text.matches(&line).count(), 1, "{line:?} in\n{text}");
+        }
+        // No series without a deployment or a request to label it.
+        assert!(text.contains("# TYPE moat_security_group_members gauge\n"));
     }
 }

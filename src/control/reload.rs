@@ -11,7 +11,7 @@
 //! expiry and security-group recompiles; reloads asked for meanwhile are
 //! merged into one that starts when the pending load ends.
 
-use crate::config::{self, Config, ConfigError};
+use crate::config::{self, Config, ConfigError, GroupKey, RuleTarget};
 use crate::data::listener::Listeners;
 use crate::data::state::{DeploymentState, Live, Shared};
 use crate::metrics::metrics;
@@ -61,7 +61,24 @@ pub fn update_gauges(live: &Live) {
         }
     }
     let sg = &live.snap.config.security_groups;
-    let keys: BTreeSet<_> = sg.members.keys().chain(live.snap.resolved.keys()).collect();
+    // A group some rule names but with no member yet shows as 0.
+    let named: Vec<&GroupKey> = live
+        .snap
+        .config
+        .deployments
+        .iter()
+        .flat_map(|d| d.rules.iter().chain(live.snap.store.of(&d.name)))
+        .filter_map(|r| match &r.target {
+            RuleTarget::Group(g) => Some(g),
+            RuleTarget::Cidr(_) => None,
+        })
+        .collect();
+    let keys: BTreeSet<_> = sg
+        .members
+        .keys()
+        .chain(live.snap.resolved.keys())
+        .chain(named)
+        .collect();
     m.group_members.reset();
     for k in keys {
         let mut nets: Vec<_> = sg

@@ -69,17 +69,23 @@ pub enum SetupError {
     ProxyProtocol(String),
     Tls(String),
     Upstream(String),
+    /// The client closed before its first byte where nothing was owed yet:
+    /// a `mode = "allow"` port, an untrusted peer on a `proxy_protocol`
+    /// port (a TCP port check, say). No outcome: nothing failed.
+    Gone(&'static str),
 }
 
 impl SetupError {
-    pub fn outcome(&self) -> Outcome {
-        match self {
+    /// The `outcome` label this counts under; `None` counts nothing.
+    pub fn outcome(&self) -> Option<Outcome> {
+        Some(match self {
             SetupError::Denied(_) => Outcome::Denied,
             SetupError::Limited => Outcome::Limited,
             SetupError::ProxyProtocol(_) => Outcome::ProxyProtocolError,
             SetupError::Tls(_) => Outcome::TlsError,
             SetupError::Upstream(_) => Outcome::UpstreamError,
-        }
+            SetupError::Gone(_) => return None,
+        })
     }
 }
 
@@ -88,15 +94,19 @@ impl SetupError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     Admission = 0,
+    /// A trusted peer's PROXY header.
     ProxyHeader = 1,
+    /// The first bytes on a `mode = "allow"` port: TLS or plaintext?
     FirstBytes = 2,
     Tls = 3,
+    /// An untrusted peer's first bytes on a `proxy_protocol` port: a header?
+    PeerFirstBytes = 4,
 }
 
 impl Stage {
     fn timed_out(self) -> SetupError {
         match self {
-            Stage::ProxyHeader => SetupError::ProxyProtocol(
+            Stage::ProxyHeader | Stage::PeerFirstBytes => SetupError::ProxyProtocol(
                 "no complete PROXY protocol header within handshake_timeout".into(),
             ),
             Stage::Admission | Stage::FirstBytes | Stage::Tls => {
@@ -111,7 +121,12 @@ impl Stage {
             Stage::ProxyHeader => {
                 SetupError::ProxyProtocol("the connection closed before its first bytes".into())
             }
-            _ => SetupError::Tls("the client closed before the handshake".into()),
+            Stage::FirstBytes | Stage::PeerFirstBytes => {
+                SetupError::Gone("the client closed before its first byte")
+            }
+            Stage::Admission | Stage::Tls => {
+                SetupError::Tls("the client closed before the handshake".into())
+            }
         }
     }
 }
@@ -151,6 +166,7 @@ impl StageCell {
             1 => Stage::ProxyHeader,
             2 => Stage::FirstBytes,
             3 => Stage::Tls,
+            4 => Stage::PeerFirstBytes,
             _ => Stage::Admission,
         }
     }
@@ -249,7 +265,16 @@ async fn setup(
         deployment: AtomicUsize::new(first),
         source: Mutex::new(peer),
     };
-    let deadline = accepted + live.snap.config.deployments[first].limits.handshake_timeout;
+    // Before SNI names the deployment, any of the address's may be the one:
+    // the longest of their handshake_timeouts applies.
+    let config = &live.snap.config;
+    let timeout = config.listeners[listener]
+        .deployments
+        .iter()
+        .map(|&d| config.deployments[d].limits.handshake_timeout)
+        .max()
+        .unwrap_or(config.deployments[first].limits.handshake_timeout);
+    let deadline = accepted + timeout;
     let setup = Setup {
         shared: &shared,
         live: &live,
@@ -377,8 +402,8 @@ impl Setup<'_> {
             };
             if trusted == Some(false) {
                 // A header is never believed from an untrusted peer.
-                p.stage.set(Stage::ProxyHeader);
-                read_first(&mut stream, &mut prefix, Stage::ProxyHeader, |b| {
+                p.stage.set(Stage::PeerFirstBytes);
+                read_first(&mut stream, &mut prefix, Stage::PeerFirstBytes, |b| {
                     proxy_header::prefix(b) != Prefix::Undecided
                 })
                 .await?;
@@ -556,7 +581,10 @@ async fn read_first(
 /// Counts and logs the end of a set-up that did not reach forwarding: the
 /// one place every set-up failure goes through.
 fn report(shared: &Shared, state: &DeploymentState, source: IpAddr, e: &SetupError) {
-    let outcome = e.outcome();
+    let Some(outcome) = e.outcome() else {
+        tracing::debug!(deployment = %state.name, source = %source, "the client closed before its first byte");
+        return;
+    };
     state.metrics.count(outcome);
     let name = &state.name;
     let label = outcome.label();
@@ -582,6 +610,7 @@ fn report(shared: &Shared, state: &DeploymentState, source: IpAddr, e: &SetupErr
                 tracing::warn!(deployment = %name, source = %source, outcome = label, error = %reason, "upstream unreachable; client connection closed");
             }
         }
+        SetupError::Gone(_) => {}
     }
 }
 

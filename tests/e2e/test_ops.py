@@ -359,6 +359,25 @@ def test_metrics_after_a_known_sequence(moat, echo, ports, certs):
         assert "127.0.0." not in line and "198.51.100." not in line, line
 
 
+def test_every_spec_metric_is_in_the_first_scrape(moat, echo, ports):
+    """SPEC 4: every metric of the table is in /metrics, with its type, from
+    the first scrape of a minimal config (no API, no store, no request yet).
+    A security group a rule names, with no member yet, shows as 0."""
+    admin, port = ports(2)
+    m = moat(server(admin) + dep("orders", port, echo.address,
+                                 f'[[deployment.allow]]\naws_account = "{ACCOUNT}"\n'
+                                 f'security_group = "{GROUP}"\n'))
+    status, body = m.http("/metrics")
+    assert status == 200
+    spec = dict(SPEC_METRICS, moat_api_requests_total="counter", moat_store_connected="gauge",
+                moat_store_revision="gauge", moat_store_entries="gauge",
+                moat_store_invalid_entries="gauge")
+    for name, kind in spec.items():
+        assert f"# TYPE {name} {kind}\n" in body, f"{name} ({kind}) missing from\n{body}"
+    assert m.metric("moat_security_group_members", default=-1.0,
+                    aws_account=ACCOUNT, security_group=GROUP) == 0
+
+
 def test_ip_detector_self_check():
     assert contains_ip("127.0.0.2") and contains_ip("src=10.1.2.3:5") and contains_ip("::1")
     assert contains_ip("x-2001:db8::1") and contains_ip("::ffff:127.0.0.2")

@@ -180,6 +180,19 @@ def test_header_from_untrusted_peer_is_refused(pp, echo):
     wait_outcomes(m, "lb", {"proxy_protocol_error": 2, "allowed": 1})
 
 
+def test_a_port_check_counts_no_outcome_only_a_trusted_peer_owes_a_header(pp, echo):
+    """A TCP connect-and-close (a port check) from an untrusted peer owes
+    nothing and fails nothing: no outcome. From the trusted balancer it is a
+    connection without its header: proxy_protocol_error."""
+    m, port, _ = pp
+    for src in ("127.0.0.2", "127.0.0.2", LB):
+        connect_from(src, port).close()
+    assert_echoes(port, "127.0.0.2", b"plain bytes")  # in order after the checks
+    echo.wait_connections(1)
+    wait_outcomes(m, "lb", {"proxy_protocol_error": 1, "allowed": 1})
+    assert stays_false(lambda: outcomes(m, "lb")["proxy_protocol_error"] > 1, 0.3)
+
+
 def test_trusted_peer_without_header_is_refused(pp, echo):
     m, port, _ = pp
     assert is_refused(refusal_outcome(port, LB, send=b"\x3a\x00\x00\x00 mongo bytes"))

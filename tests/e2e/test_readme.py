@@ -28,24 +28,33 @@ def test_run_step_is_one_command():
     assert block.strip() == "cargo run --release -- run -c config/moat.toml"
 
 
-def explain_examples() -> list[tuple[list[str], str]]:
+def explain_examples() -> list[tuple[list[str], str, list[str]]]:
+    """(arguments, the stdout line, the indented stderr lines after it)."""
     out = []
     lines = README.splitlines()
     for i, line in enumerate(lines):
         if line.startswith("$ moat explain "):
-            out.append((line.removeprefix("$ moat ").split(), lines[i + 1]))
+            notes = []
+            for later in lines[i + 2:]:
+                if not later.startswith("  "):
+                    break
+                notes.append(later)
+            out.append((line.removeprefix("$ moat ").split(), lines[i + 1], notes))
     return out
 
 
 def test_explain_examples_match_the_example_config():
     examples = explain_examples()
     assert len(examples) >= 5
-    kinds = {want.split(" ", 1)[0] for _, want in examples}
+    kinds = {want.split(" ", 1)[0] for _, want, _ in examples}
     assert kinds == {"allow", "deny"}
-    assert any("copied from" in w for _, w in examples) and any("security group" in w for _, w in examples)
-    for args, want in examples:
+    notes = [n for _, _, ns in examples for n in ns]
+    assert any("copied from" in n for n in notes) and any("security group" in n for n in notes)
+    for args, want, notes in examples:
         res = run_moat(args, cwd=REPO)
         assert res.stdout.rstrip("\n") == want, f"moat {' '.join(args)}\n{res.output}"
+        for n in notes:
+            assert n in res.stderr.splitlines(), f"moat {' '.join(args)}: {n!r} not on stderr\n{res.output}"
         assert res.code == (0 if want.startswith("allow") else 1), res.output
 
 

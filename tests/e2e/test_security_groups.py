@@ -467,11 +467,11 @@ def test_explain_resolves_through_ec2(world, aws_env, tmp_path):
 
     res = explain(from_api)
     assert res.code == 0, res.output
-    assert res.stdout.startswith(f'allow orders {from_api} by "group {web}" ({from_api}/32'), res.output
-    assert web in res.stdout and "EC2" in res.stdout, res.output
+    assert res.stdout == f'allow orders {from_api} by "group {web}" ({from_api}/32)\n', res.output
+    assert web in res.stderr and "(EC2 API)" in res.stderr, res.output
     res = explain(from_file)
     assert res.code == 0, res.output
-    assert "membership file" in res.stdout, res.output
+    assert "(membership file)" in res.stderr, res.output
     res = explain(nobody)
     assert res.code == 1, res.output
     assert res.stdout.startswith(f"deny orders {nobody}"), res.output

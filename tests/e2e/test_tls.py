@@ -14,8 +14,9 @@ import warnings
 import pytest
 from _tlslib import (cert_cn, cert_dns_names, client_ctx, client_hello, served_cert, tls_echo,
                      tls_fails, wait_closed)
+from _proxylib import outcomes, wait_outcomes
 from moatlib import (CertAuthority, assert_echoes, assert_refused, connect_from,
-                     connection_outcome, run_check)
+                     connection_outcome, run_check, stays_false)
 
 PAYLOAD = b"moat tls e2e \x00\x01\x02\xff" * 64
 
@@ -89,6 +90,19 @@ def test_allow_mode_serves_tls_and_plaintext_on_one_port(moat, echo, ports, cert
     echo.wait_connections(3)
     # the upstream always receives plaintext
     assert echo.bytes_received == PAYLOAD + PAYLOAD + b"again"
+
+
+def test_allow_mode_port_check_counts_no_outcome(moat, echo, ports, certs, srv):
+    """SPEC 3.3: on an allow-mode port a connection is TLS or plaintext by its
+    first byte; one that closes before any byte (a TCP port check) is
+    neither, and counts no outcome."""
+    port, admin = ports(2)
+    m = moat(tls_config(port, echo.address, srv, admin=admin, mode="allow"))
+    for _ in range(3):
+        connect_from("127.0.0.2", port).close()
+    assert_echoes(port, "127.0.0.2", PAYLOAD)
+    wait_outcomes(m, "orders", {"allowed": 1})
+    assert stays_false(lambda: outcomes(m, "orders")["tls_error"] > 0, 0.3)
 
 
 def test_allow_mode_still_enforces_rules(moat, echo, ports, certs, srv):
@@ -376,6 +390,27 @@ def test_handshake_timeout_closes_silent_connection(moat, echo, ports, srv):
     assert 0.5 <= elapsed <= 5.0, f"closed after {elapsed:.2f}s, wanted about 1s"
     echo.assert_untouched()
     m.wait_metric("moat_connections_total", lambda v: v >= before + 1, deployment="orders", outcome="tls_error")
+
+
+def test_handshake_timeout_on_an_sni_address_is_its_longest(moat, echo, ports, certs):
+    """Before the ClientHello names a deployment, the longest handshake_timeout
+    of the address's deployments bounds the wait: 1 s and 3 s -> 3 s."""
+    port = ports()
+    cert_a = certs.issue("a", ["a.test"], cn="a.test")
+    cert_b = certs.issue("b", ["b.test"], cn="b.test")
+
+    def deployment(name, cert, timeout):
+        return (f'[[deployment]]\nname = "{name}"\nlisten = "127.0.0.1:{port}"\nupstream = "{echo.address}"\n'
+                f'server_names = ["{name}.test"]\n[deployment.limits]\nhandshake_timeout = "{timeout}"\n'
+                f'[deployment.tls]\nmode = "require"\ncert = "{cert.cert_path}"\nkey = "{cert.key_path}"\n'
+                '[[deployment.allow]]\ncidr = "127.0.0.2"\n\n')
+    moat(deployment("a", cert_a, "1s") + deployment("b", cert_b, "3s"))
+    with connect_from("127.0.0.2", port) as s:
+        t0 = time.monotonic()
+        how = wait_closed(s, timeout=8.0)
+        elapsed = time.monotonic() - t0
+    assert how in ("eof", "reset"), how
+    assert 2.5 <= elapsed <= 6.0, f"closed after {elapsed:.2f}s, wanted about 3s"
 
 
 def test_handshake_timeout_partial_clienthello(moat, echo, ports, srv):

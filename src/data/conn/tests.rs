@@ -28,17 +28,30 @@ async fn a_connection_task_stays_small() {
 
 #[test]
 fn a_deadline_is_charged_to_the_stage_it_passed_in() {
-    assert_eq!(
-        Stage::ProxyHeader.timed_out().outcome(),
-        Outcome::ProxyProtocolError
-    );
-    assert_eq!(Stage::FirstBytes.timed_out().outcome(), Outcome::TlsError);
-    assert_eq!(Stage::Tls.timed_out().outcome(), Outcome::TlsError);
-    assert_eq!(
-        Stage::ProxyHeader.gone().outcome(),
-        Outcome::ProxyProtocolError
-    );
-    assert_eq!(Stage::Tls.gone().outcome(), Outcome::TlsError);
+    let outcome = |e: SetupError| e.outcome();
+    let proxy = Some(Outcome::ProxyProtocolError);
+    let tls = Some(Outcome::TlsError);
+    assert_eq!(outcome(Stage::ProxyHeader.timed_out()), proxy);
+    assert_eq!(outcome(Stage::PeerFirstBytes.timed_out()), proxy);
+    assert_eq!(outcome(Stage::FirstBytes.timed_out()), tls);
+    assert_eq!(outcome(Stage::Tls.timed_out()), tls);
+    // A trusted peer owes a header and a TLS port a handshake; on an
+    // allow-mode port, or from an untrusted peer, closing first is no failure.
+    assert_eq!(outcome(Stage::ProxyHeader.gone()), proxy);
+    assert_eq!(outcome(Stage::Tls.gone()), tls);
+    assert_eq!(outcome(Stage::FirstBytes.gone()), None);
+    assert_eq!(outcome(Stage::PeerFirstBytes.gone()), None);
+    for s in [
+        Stage::Admission,
+        Stage::ProxyHeader,
+        Stage::FirstBytes,
+        Stage::Tls,
+        Stage::PeerFirstBytes,
+    ] {
+        let cell = StageCell::new(Stage::Admission);
+        cell.set(s);
+        assert_eq!(cell.get(), s);
+    }
 }
 
 /// The first bytes are read as they come, with no polling: a client that
