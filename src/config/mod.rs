@@ -10,6 +10,7 @@ mod listen;
 mod raw;
 mod schema;
 mod store;
+mod tls;
 mod validate;
 pub mod values;
 

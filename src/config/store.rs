@@ -168,7 +168,7 @@ impl Validator<'_> {
                     );
                     return None;
                 }
-                if super::validate::key_readable_by_others(&path) {
+                if super::tls::key_readable_by_others(&path) {
                     self.warn(
                         p,
                         format!(
@@ -225,7 +225,7 @@ impl Validator<'_> {
                     self.err(k, format!("{ctx}: {} holds no usable private key; give a PEM key in PKCS#8, PKCS#1 or SEC1 form", kpath.display()));
                     return None;
                 }
-                if super::validate::key_readable_by_others(&kpath) {
+                if super::tls::key_readable_by_others(&kpath) {
                     self.warn(
                         k,
                         format!(
