@@ -2,10 +2,11 @@
 //! `Phase` watch; the drain is bounded by `shutdown_grace`.
 
 use crate::config::{self, Diagnostic};
+use crate::control::gauges;
 use crate::control::reload::{self, Reloader, Reloads};
 use crate::data::conn::Phase;
 use crate::data::listener::Listeners;
-use crate::data::state::Shared;
+use crate::data::state::{Live, Shared};
 use crate::policy::snapshot::Snapshot;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -73,8 +74,8 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
         .map(|s| Arc::new(s.view.entries()))
         .unwrap_or_default();
     let snap = Snapshot::compile(config.clone(), Arc::default(), entries, SystemTime::now());
-    let live = reload::build_live(snap, &[]);
-    reload::update_gauges(&live);
+    let live = Live::build(snap, &[]);
+    gauges::update(&live);
     let shared = Shared::new(live);
     let mut listeners = Listeners::default();
     match listeners.prepare(&config.listeners) {
@@ -100,7 +101,7 @@ async fn serve(config: config::Config, path: &Path) -> i32 {
             return 1;
         }
     }
-    reload::mark_success();
+    gauges::mark_success();
     shared.ready.store(true, Ordering::Release);
     crate::control::systemd::ready();
     crate::control::systemd::spawn_watchdog();

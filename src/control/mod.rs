@@ -9,6 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod edit;
 pub mod etcd;
+pub mod gauges;
 pub mod reload;
 pub mod store;
 pub mod systemd;

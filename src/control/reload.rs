@@ -11,12 +11,12 @@
 //! expiry and security-group recompiles; reloads asked for meanwhile are
 //! merged into one that starts when the pending load ends.
 
-use crate::config::{self, Config, ConfigError, GroupKey, RuleTarget};
+use crate::config::{self, Config, ConfigError};
+use crate::control::gauges;
 use crate::data::listener::Listeners;
-use crate::data::state::{DeploymentState, Live, Shared};
+use crate::data::state::{Live, Shared};
 use crate::metrics::metrics;
 use crate::policy::snapshot::{GroupMembers, Snapshot, StoreEntries};
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -24,90 +24,6 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Longest a reload may spend reading and validating files (SPEC 3.9).
 pub const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Builds a generation. A deployment keeps its runtime state (counts,
-/// metrics) for as long as it is listed or still has connections open, so
-/// removing and re-adding it never resets its counts.
-pub fn build_live(snap: Snapshot, old: &[Arc<DeploymentState>]) -> Live {
-    let deployments: Vec<Arc<DeploymentState>> = snap
-        .config
-        .deployments
-        .iter()
-        .map(|d| DeploymentState::for_name(&d.name))
-        .collect();
-    let m = metrics();
-    for s in old {
-        if !deployments.iter().any(|n| n.name == s.name) {
-            // Configuration gauges go now; traffic series go with the state.
-            let _ = m.rules.remove_label_values(&[&s.name]);
-            let _ = m.cert_expiry.remove_label_values(&[&s.name]);
-        }
-    }
-    Live { snap, deployments }
-}
-
-/// Gauges that describe the configuration in force.
-pub fn update_gauges(live: &Live) {
-    let m = metrics();
-    for (d, c) in live.snap.config.deployments.iter().zip(&live.snap.compiled) {
-        m.rules
-            .with_label_values(&[&d.name])
-            .set(c.table.prefixes() as i64);
-        match d.tls.as_ref().and_then(|t| t.not_after) {
-            Some(na) => m.cert_expiry.with_label_values(&[&d.name]).set(na as f64),
-            None => {
-                let _ = m.cert_expiry.remove_label_values(&[&d.name]);
-            }
-        }
-    }
-    let sg = &live.snap.config.security_groups;
-    // A group some rule names but with no member yet shows as 0.
-    let named: Vec<&GroupKey> = live
-        .snap
-        .config
-        .deployments
-        .iter()
-        .flat_map(|d| d.rules.iter().chain(live.snap.store.of(&d.name)))
-        .filter_map(|r| match &r.target {
-            RuleTarget::Group(g) => Some(g),
-            RuleTarget::Cidr(_) => None,
-        })
-        .collect();
-    let keys: BTreeSet<_> = sg
-        .members
-        .keys()
-        .chain(live.snap.resolved.keys())
-        .chain(named)
-        .collect();
-    m.group_members.reset();
-    for k in keys {
-        let mut nets: Vec<_> = sg
-            .members
-            .get(k)
-            .into_iter()
-            .flatten()
-            .chain(live.snap.resolved.get(k).into_iter().flatten())
-            .collect();
-        nets.sort();
-        nets.dedup();
-        m.group_members
-            .with_label_values(&[&k.account, &k.id])
-            .set(nets.len() as i64);
-    }
-}
-
-fn now_secs() -> f64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// Records a successful load (start-up or reload).
-pub fn mark_success() {
-    let m = metrics();
-    m.last_reload_successful.set(1);
-    m.last_reload_success_timestamp.set(now_secs());
-}
 
 /// Owns the listeners; lives inside the reload task.
 pub struct Reloader {
@@ -449,7 +365,7 @@ impl Reloader {
                 return false;
             }
         };
-        let live = build_live(snap, &current.deployments);
+        let live = Live::build(snap, &current.deployments);
         let Some(live) = with_gauges(live).await else {
             return false;
         };
@@ -490,7 +406,7 @@ impl Reloader {
             );
             return false;
         };
-        let live = build_live(snap, &current.deployments);
+        let live = Live::build(snap, &current.deployments);
         let Some(live) = with_gauges(live).await else {
             return false;
         };
@@ -544,7 +460,7 @@ async fn compile(
 /// runtime's workers (counting members sorts them).
 async fn with_gauges(live: Live) -> Option<Live> {
     tokio::task::spawn_blocking(move || {
-        update_gauges(&live);
+        gauges::update(&live);
         live
     })
     .await
@@ -555,7 +471,7 @@ fn count(published: bool) {
     let m = metrics();
     if published {
         m.reloads.with_label_values(&["success"]).inc();
-        mark_success();
+        gauges::mark_success();
     } else {
         m.reloads.with_label_values(&["failure"]).inc();
         m.last_reload_successful.set(0);
@@ -636,7 +552,7 @@ mod tests {
         std::fs::write(&path, "[security_groups]\nfile = \"sg.toml\"\n\n[[deployment]]\nname = \"d\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:27018\"\n\n[[deployment.allow]]\naws_account = \"123456789012\"\nsecurity_group = \"sg-0a1b2c3d\"\n").unwrap();
         let config = Arc::new(config::load(&path, SystemTime::now()).unwrap());
         let snap = Snapshot::compile(config, Arc::default(), Arc::default(), SystemTime::now());
-        let shared = Shared::new(build_live(snap, &[]));
+        let shared = Shared::new(Live::build(snap, &[]));
         let reloads = Reloads::start(Reloader::new(shared.clone(), path, Listeners::default()));
         let failures = || metrics().reloads.with_label_values(&["failure"]).get();
         let before = failures();

@@ -3,7 +3,7 @@
 //! the change signal live connections watch, and connection limits.
 
 use crate::config::Limits;
-use crate::metrics::DeploymentMetrics;
+use crate::metrics::{metrics, DeploymentMetrics};
 use crate::policy::snapshot::Snapshot;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -18,6 +18,29 @@ pub struct Live {
     pub snap: Snapshot,
     /// Parallel to `snap.config.deployments`.
     pub deployments: Vec<Arc<DeploymentState>>,
+}
+
+impl Live {
+    /// Builds a generation. A deployment keeps its runtime state (counts,
+    /// metrics) for as long as it is listed or still has connections open, so
+    /// removing and re-adding it never resets its counts.
+    pub fn build(snap: Snapshot, old: &[Arc<DeploymentState>]) -> Live {
+        let deployments: Vec<Arc<DeploymentState>> = snap
+            .config
+            .deployments
+            .iter()
+            .map(|d| DeploymentState::for_name(&d.name))
+            .collect();
+        let m = metrics();
+        for s in old {
+            if !deployments.iter().any(|n| n.name == s.name) {
+                // Configuration gauges go now; traffic series go with the state.
+                let _ = m.rules.remove_label_values(&[&s.name]);
+                let _ = m.cert_expiry.remove_label_values(&[&s.name]);
+            }
+        }
+        Live { snap, deployments }
+    }
 }
 
 /// Runtime state of a deployment, kept by name for as long as anything

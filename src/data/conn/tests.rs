@@ -18,7 +18,7 @@ async fn a_connection_task_stays_small() {
         Default::default(),
         now,
     );
-    let shared = crate::data::state::Shared::new(crate::control::reload::build_live(snap, &[]));
+    let shared = crate::data::state::Shared::new(crate::data::state::Live::build(snap, &[]));
     let size = std::mem::size_of_val(&serve(shared, stream, addr, addr));
     assert!(
         size <= 3 * 1024,
