@@ -10,7 +10,7 @@
 //! | limits       | atomic counters, from accept   | reset; `limited`, info (rate-limited)                 |
 //! | PROXY header | the set-up deadline            | reset; `proxy_protocol_error`, debug                  |
 //! | admit        | one table lookup, before reading | reset; `denied`, info (rate-limited)                |
-//! | first bytes  | the set-up deadline            | close; `tls_error`, debug                             |
+//! | first bytes  | the set-up deadline            | close; `tls_error` (`proxy_protocol_error` from an untrusted peer on a PROXY port), debug; a client that closes first: no outcome, debug |
 //! | TLS          | the set-up deadline            | close; `tls_error`, debug                             |
 //! | admit again  | one lookup, rules in force now | close; `denied`, info (rate-limited)                  |
 //! | dial         | `connect_timeout`              | close; `upstream_error`, warn (rate-limited)          |
@@ -24,7 +24,8 @@
 //! connection costs no CPU and one whose client left ends at once.
 //!
 //! Every way out of set-up is a [`SetupError`], counted and logged in one
-//! place ([`report`]). The set-up state lives in its own heap allocation so
+//! place ([`report`]); the one that counts nothing, [`SetupError::Gone`] (a
+//! port check on a port where nothing was owed yet), is logged there too. The set-up state lives in its own heap allocation so
 //! that the long-lived task of an idle connection holds only the forwarding
 //! state.
 
