@@ -12,7 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
-from moatlib import connect_from, recv_exactly
+from moatlib import connect_from, recv_exactly, ssl_client_context
 
 # --------------------------------------------------------------------------
 # TLS clients
@@ -21,20 +21,12 @@ from moatlib import connect_from, recv_exactly
 
 def client_ctx(ca_path=None, *, client=None, min_version=None, max_version=None,
                verify: bool = True) -> ssl.SSLContext:
-    """A client context trusting `ca_path` (a path), optionally presenting
-    `client` (an moatlib.Issued)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if verify:
-        ctx.load_verify_locations(str(ca_path))
-    else:
+    """moatlib.ssl_client_context (trusting `ca_path`, optionally presenting
+    `client`), or with verify=False one that checks no certificate."""
+    ctx = ssl_client_context(ca_path if verify else None, client, min_version, max_version)
+    if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    if client is not None:
-        ctx.load_cert_chain(str(client.cert_path), str(client.key_path))
-    if min_version is not None:
-        ctx.minimum_version = min_version
-    if max_version is not None:
-        ctx.maximum_version = max_version
     return ctx
 
 

@@ -73,12 +73,7 @@ def moat(moat_dir, request):
         return m
 
     yield start
-    for m in started:
-        m.kill()
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        for m in started:
-            sys.stderr.write(f"\n----- moat stderr ({m.stderr_path}) -----\n{m.stderr_text()[-20000:]}\n")
+    moatlib.stop_all(started, request)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

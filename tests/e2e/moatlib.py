@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import subprocess
 import tempfile
 import textwrap
@@ -795,6 +796,17 @@ class Moat:
 
     def __exit__(self, *exc):
         self.kill()
+
+
+def stop_all(started: list[Moat], request) -> None:
+    """Fixture teardown: kill every moat started; when the test failed, print
+    each one's stderr (the last 20,000 characters)."""
+    for m in started:
+        m.kill()
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for m in started:
+            sys.stderr.write(f"\n----- moat stderr ({m.stderr_path}) -----\n{m.stderr_text()[-20000:]}\n")
 
 
 # --------------------------------------------------------------------------

@@ -19,6 +19,8 @@ import time
 import warnings
 
 import pytest
+
+import moatlib
 from moatlib import (TEST_NET_1, TEST_NET_2, Moat, connect_from, connection_outcome,
                      http_get, metric, moat_bin, parse_prometheus, recv_exactly, ssl_client_context,
                      wait_until)
@@ -618,12 +620,7 @@ def own_moats(request):
     """Moat processes started by hand (not through the `moat` fixture)."""
     started: list[Moat] = []
     yield started
-    for m in started:
-        m.kill()
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        for m in started:
-            sys.stderr.write(f"\n----- moat stderr ({m.stderr_path}) -----\n{m.stderr_text()[-20000:]}\n")
+    moatlib.stop_all(started, request)
 
 
 def test_systemd_notify(own_moats, echo, ports, tmp_path, monkeypatch):

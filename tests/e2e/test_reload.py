@@ -11,12 +11,13 @@ import os
 import random
 import re
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+
+import moatlib
 from _tlslib import (ConfigMapDir, client_ctx, connect_refused, fetch_served_cert, summarize,
                      tls_echo, try_echo, wait_closed, write_in_place, write_rename)
 from moatlib import (TEST_NET_1, Moat, assert_refused, connect_from, line_of, recv_exactly,
@@ -112,12 +113,7 @@ def moat(request, tmp_path):
         return m
 
     yield start
-    for m in started:
-        m.kill()
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        for m in started:
-            sys.stderr.write(f"\n----- moat stderr ({m.stderr_path}) -----\n{m.stderr_text()[-20000:]}\n")
+    moatlib.stop_all(started, request)
 
 
 # --------------------------------------------------------------------------
