@@ -13,10 +13,14 @@ use std::time::SystemTime;
 
 fn rejected(e: &StoreError) -> i32 {
     eprintln!("moat access-list: {e}");
-    if let StoreError::Rejected(detail) = e {
-        for d in detail {
-            eprintln!("  {d}");
+    match e {
+        StoreError::Rejected(detail) => {
+            for d in detail {
+                eprintln!("  {d}");
+            }
         }
+        StoreError::Unavailable(why) => eprintln!("  etcd: {why}"),
+        _ => {}
     }
     1
 }

@@ -23,6 +23,7 @@ fn store_error(e: WriteError) -> StoreError {
     match e {
         WriteError::NoEntry { deployment, entry } => StoreError::NoEntry { deployment, entry },
         WriteError::TooMany(why) => StoreError::TooLarge(why),
+        WriteError::Unreachable(why) => StoreError::Unavailable(why),
         other => StoreError::Io(other.to_string()),
     }
 }

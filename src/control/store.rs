@@ -42,6 +42,9 @@ pub enum StoreError {
     TooLarge(String),
     #[error("{0}")]
     Io(String),
+    /// The fleet store cannot be reached now (503); the entries in force stay.
+    #[error("the fleet store (etcd) cannot be reached now; the entries in force stay as they are")]
+    Unavailable(String),
 }
 
 /// The entity tag of a list of entries: a hash of their normalised JSON.

@@ -446,6 +446,32 @@ def test_bounds(api):
     assert r.status_code == 413 and r.json()["error"]
     r = a.call("POST", "/plan", data=b"#" * (1024 * 1024 + 1))
     assert r.status_code == 413
+    # Headers: 16 KiB is the bound, whatever their number; above it, 431.
+    many = {f"X-Probe-{i}": "1" for i in range(300)}
+    assert a.call("GET", "/deployments", headers=many).status_code == 200
+    assert a.call("GET", "/deployments", headers={"X-Big": "x" * (17 * 1024)}).status_code == 431
+    # HEAD is GET without the body.
+    r = a.call("HEAD", "/deployments")
+    assert r.status_code == 200 and r.content == b"" and r.headers["Content-Type"] == "application/json"
+    # At most 256 API connections: the 257th is closed at once, not queued.
+    held = [socket.create_connection(("127.0.0.1", a.port), timeout=5) for _ in range(256)]
+    try:
+        time.sleep(0.3)  # let the API accept them all
+        started = time.monotonic()
+        with pytest.raises(requests.exceptions.ConnectionError):
+            a.call("GET", "/deployments")
+        assert time.monotonic() - started < 3
+        a.m.wait_stderr(r"API connection refused: 256 API connections are open")
+    finally:
+        for h in held:
+            h.close()
+
+    def answers() -> bool:
+        try:
+            return a.call("GET", "/deployments").status_code == 200
+        except requests.exceptions.ConnectionError:
+            return False  # the held connections are still being released
+    wait_until(answers, 10, interval=0.1, what="the API answers again")
     # A request that does not arrive within 10 s is closed.
     import ssl
     ctx = moatlib.ssl_client_context(a.ca)

@@ -518,6 +518,30 @@ def test_cli_writes_reach_other_hosts(moat, echo, etcd, ports, tmp_path):
     assert cfg.read_bytes() == before
 
 
+def test_api_answers_503_while_etcd_is_down_and_enforcement_stays(moat, echo, etcd, ports, tmp_path):
+    """With the store unreachable the API cannot read or write the access
+    list: 503 with the JSON error body, the transport error in `detail`; the
+    entries in force stay (fail-static), and the API works again after."""
+    port, api = ports(2)
+    cfg, files = api_config(port, api, echo, etcd)
+    etcd.put(key("orders", "a"), {"cidrBlock": "127.0.0.2"})
+    moat(cfg, extra_files=files, directory=tmp_path / "a")
+    wait_admitted(port, "127.0.0.2")
+    etcd.kill()
+    for method, path, body in (("GET", "/deployments/orders/accessList", None),
+                               ("POST", "/deployments/orders/accessList", [{"cidrBlock": "127.0.0.3"}]),
+                               ("DELETE", "/deployments/orders/accessList/127.0.0.2%2F32", None)):
+        status, answer = api_call(api, method, path, body)
+        assert status == 503, (method, path, status, answer)
+        err = json.loads(answer)
+        assert "cannot be reached" in err["error"] and err["detail"][0].startswith("etcd: "), err
+    assert_echoes(port, "127.0.0.2")
+    etcd.start()
+    status, _ = api_call(api, "POST", "/deployments/orders/accessList", [{"cidrBlock": "127.0.0.3"}])
+    assert status == 201
+    assert_echoes(port, "127.0.0.3")
+
+
 def test_two_writers_with_one_etag_one_gets_412(moat, echo, etcd, ports, tmp_path):
     """SPEC 6.2: writers holding the same ETag, all at once: exactly one
     commits, every other one gets 412 and its entry is not stored."""

@@ -24,6 +24,8 @@ pub enum ApiError {
     /// 412: `If-Match` names an older list.
     PreconditionFailed(String, String),
     PayloadTooLarge,
+    /// 503: the fleet store cannot be reached; `detail` has the transport error.
+    Unavailable(String, Vec<String>),
     /// 504: stored, but not in force within the time allowed.
     NotEnforced(String),
     Internal(String),
@@ -45,6 +47,7 @@ impl ApiError {
             ApiError::Conflict(..) => StatusCode::CONFLICT,
             ApiError::PreconditionFailed(..) => StatusCode::PRECONDITION_FAILED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotEnforced(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -52,9 +55,10 @@ impl ApiError {
 
     fn parts(&self) -> (String, Vec<String>) {
         match self {
-            ApiError::BadRequest(e, d) | ApiError::NotFound(e, d) | ApiError::Conflict(e, d) => {
-                (e.clone(), d.clone())
-            }
+            ApiError::BadRequest(e, d)
+            | ApiError::NotFound(e, d)
+            | ApiError::Conflict(e, d)
+            | ApiError::Unavailable(e, d) => (e.clone(), d.clone()),
             ApiError::Unauthorized(e) | ApiError::Forbidden(e) | ApiError::Internal(e) => {
                 (e.clone(), Vec::new())
             }
@@ -142,6 +146,9 @@ impl From<StoreError> for ApiError {
                 ApiError::BadRequest(why.clone(), vec![format!("body: {why}")])
             }
             StoreError::Io(why) => ApiError::Internal(why),
+            StoreError::Unavailable(why) => {
+                ApiError::Unavailable(msg, vec![format!("etcd: {why}")])
+            }
         }
     }
 }

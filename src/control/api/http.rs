@@ -24,6 +24,8 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(REQUEST_TIMEOUT)
         .max_buf_size(MAX_HEAD)
+        // 16 KiB is the bound on a head, not hyper's default of 100 headers.
+        .max_headers(MAX_HEAD / 4)
         .keep_alive(true);
     if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
         tracing::debug!(error = %e, "HTTP connection ended");

@@ -102,16 +102,22 @@ pub fn start(
 
 async fn accept_loop(listener: TcpListener, bound: SocketAddr, api: Arc<Api>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let over = RefusalLog::default();
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(_) => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        // Full: the connection is closed at once (not left waiting in the
+        // kernel's queue until someone else leaves).
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            if over.allow(api.shared.now_ms()) {
+                tracing::warn!(%peer, "API connection refused: {MAX_CONNECTIONS} API connections are open");
+            }
+            continue;
         };
         let api = api.clone();
         tokio::spawn(async move {
@@ -223,7 +229,9 @@ impl Api {
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         let ctx = Ctx {
             key,
-            arrival,
+            // The request has arrived once its body has: the 5 s within
+            // which a write must be in force start now.
+            arrival: Instant::now(),
             if_match,
             body,
         };

@@ -67,6 +67,12 @@ impl Route {
             }
         }
         let s: Vec<&str> = segs.iter().map(String::as_str).collect();
+        // HEAD is GET without the body (hyper sends none for HEAD).
+        let method = if *method == Method::HEAD {
+            &Method::GET
+        } else {
+            method
+        };
         use Method as M;
         let (template, allow, route) = match s.as_slice() {
             ["deployments"] => (
@@ -257,6 +263,12 @@ mod tests {
         assert_eq!(parse(Method::GET, "/api/v1/nope"), Err(404));
         assert_eq!(parse(Method::GET, "/api/v10"), Err(404));
         assert_eq!(parse(Method::PUT, "/api/v1/deployments"), Err(404));
+        // HEAD is GET without a body; it never reaches a write.
+        assert_eq!(
+            parse(Method::HEAD, "/api/v1/deployments"),
+            Ok(Route::ListDeployments)
+        );
+        assert_eq!(parse(Method::HEAD, "/api/v1/plan"), Err(404));
         assert_eq!(
             parse(Method::GET, "/api/v1/deployments/%FF/accessList"),
             Err(400)
