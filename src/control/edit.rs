@@ -73,12 +73,7 @@ impl FileStore {
                     .position(|t| key_of(t).as_ref() == Some(&v.key));
                 match at.and_then(|i| allow.get_mut(i)) {
                     Some(old) if entry_of(old) == entry_of(&new) => {}
-                    Some(old) => {
-                        old.clear();
-                        for (k, item) in new.iter() {
-                            old.insert(k, item.clone());
-                        }
-                    }
+                    Some(old) => replace_keeping_decor(old, &new),
                     None => allow.push(new),
                 }
             }
@@ -177,7 +172,7 @@ impl FileStore {
                 written: false,
             });
         }
-        let text = doc.to_string();
+        let text = with_line_endings_of(&bytes, doc.to_string());
         if let Err(e) = crate::config::load_bytes(&self.path, text.as_bytes(), SystemTime::now()) {
             return Err(StoreError::Rejected(
                 e.errors.iter().map(|d| d.to_string()).collect(),
@@ -283,6 +278,44 @@ fn key_of(t: &Table) -> Option<EntryKey> {
 }
 
 /// A new allow table for a checked entry.
+/// Makes `old` hold what `new` holds, in place: a key whose value stays
+/// keeps its line as written (its end-of-line comment too), a changed value
+/// keeps the comments around it, a key `new` lacks goes, a new key is added.
+fn replace_keeping_decor(old: &mut Table, new: &Table) {
+    let gone: Vec<String> = old
+        .iter()
+        .map(|(k, _)| k.to_string())
+        .filter(|k| !new.contains_key(k))
+        .collect();
+    for k in gone {
+        old.remove(&k);
+    }
+    for (k, item) in new.iter() {
+        let (Some(was), Some(value)) = (
+            old.get_mut(k).and_then(|i| i.as_value_mut()),
+            item.as_value(),
+        ) else {
+            old.insert(k, item.clone());
+            continue;
+        };
+        if was.as_str() != value.as_str() {
+            let decor = was.decor().clone();
+            *was = value.clone();
+            *was.decor_mut() = decor;
+        }
+    }
+}
+
+/// `text` (which toml_edit writes with `\n`) with CRLF line endings when
+/// the file it came from had them.
+fn with_line_endings_of(original: &[u8], text: String) -> String {
+    if original.windows(2).any(|w| w == b"\r\n") {
+        text.replace("\r\n", "\n").replace('\n', "\r\n")
+    } else {
+        text
+    }
+}
+
 fn table_of(v: &ValidEntry) -> Table {
     let mut t = Table::new();
     match &v.rule.target {

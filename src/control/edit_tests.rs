@@ -110,6 +110,50 @@ fn replacing_and_removing_touch_only_that_entry() {
 }
 
 #[test]
+fn replacing_keeps_the_lines_it_does_not_change() {
+    let (_d, path) = setup();
+    let text = CONFIG.replace(
+        "cidr = \"10.0.0.0/16\"\ndescription = \"app servers\"\n",
+        "cidr = \"10.0.0.0/16\"   # keep me\ndescription = \"app servers\"  # and me\n",
+    );
+    fs::write(&path, &text).unwrap();
+    let store = FileStore::new(&path);
+    store
+        .add(
+            "orders",
+            &[valid(
+                r#"{"cidrBlock":"10.0.0.0/16","comment":"app tier","deleteAfterDate":"2099-01-01T00:00:00Z"}"#,
+            )],
+            None,
+        )
+        .unwrap();
+    let after = fs::read_to_string(&path).unwrap();
+    let want = text.replace(
+        "description = \"app servers\"  # and me\n",
+        "description = \"app tier\"  # and me\nexpires = \"2099-01-01T00:00:00Z\"\n",
+    );
+    assert_eq!(after, want);
+}
+
+#[test]
+fn a_crlf_file_keeps_its_line_endings() {
+    let (_d, path) = setup();
+    let crlf = CONFIG.replace('\n', "\r\n");
+    fs::write(&path, &crlf).unwrap();
+    let store = FileStore::new(&path);
+    store
+        .add("orders", &[valid(r#"{"cidrBlock":"198.51.100.7"}"#)], None)
+        .unwrap();
+    let after = fs::read_to_string(&path).unwrap();
+    assert!(
+        after.contains("cidr = \"198.51.100.7/32\"\r\n"),
+        "{after:?}"
+    );
+    assert_eq!(after.matches('\n').count(), after.matches("\r\n").count());
+    assert!(after.starts_with("# moat config: comments and layout must survive edits\r\n"));
+}
+
+#[test]
 fn if_match_guards_against_lost_updates() {
     let (_d, path) = setup();
     let store = FileStore::new(&path);
