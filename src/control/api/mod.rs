@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 
-/// API connections served at once; more wait in the kernel's backlog.
+/// API connections served at once; one more is closed as soon as accepted.
 const MAX_CONNECTIONS: usize = 256;
 /// Largest request body.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -57,7 +57,8 @@ struct Peer(SocketAddr);
 /// One authorised request's context.
 pub struct Ctx {
     pub key: ApiKey,
-    /// When the request arrived: writes must be in force within 5 s of it.
+    /// When the request (its body included) had arrived: writes must be in
+    /// force within 5 s of it.
     pub arrival: Instant,
     pub if_match: Option<String>,
     pub body: Bytes,
