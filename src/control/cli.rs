@@ -19,7 +19,7 @@ fn rejected(e: &StoreError) -> i32 {
                 eprintln!("  {d}");
             }
         }
-        StoreError::Unavailable(why) => eprintln!("  etcd: {why}"),
+        StoreError::Unavailable(why) | StoreError::Unconfirmed(why) => eprintln!("  etcd: {why}"),
         _ => {}
     }
     1
@@ -183,10 +183,17 @@ pub fn add(config: &Path, deployment: &str, new: NewEntry) -> i32 {
 }
 
 pub fn remove(config: &Path, deployment: &str, entry: &str, aws_account: Option<String>) -> i32 {
-    let key = match parse_key(entry).and_then(|k| k.in_account(aws_account)) {
+    let key = match parse_key(entry) {
         Ok(k) => k,
         Err(m) => {
             eprintln!("moat access-list: ENTRY: {m}");
+            return 1;
+        }
+    };
+    let key = match key.in_account(aws_account) {
+        Ok(k) => k,
+        Err(m) => {
+            eprintln!("moat access-list: --aws-account: {m}");
             return 1;
         }
     };

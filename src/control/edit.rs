@@ -277,7 +277,6 @@ fn key_of(t: &Table) -> Option<EntryKey> {
     entry_of(t).validate(None).ok().map(|v| v.key)
 }
 
-/// A new allow table for a checked entry.
 /// Makes `old` hold what `new` holds, in place: a key whose value stays
 /// keeps its line as written (its end-of-line comment too), a changed value
 /// keeps the comments around it, a key `new` lacks goes, a new key is added.
@@ -307,15 +306,17 @@ fn replace_keeping_decor(old: &mut Table, new: &Table) {
 }
 
 /// `text` (which toml_edit writes with `\n`) with CRLF line endings when
-/// the file it came from had them.
+/// the file it came from ends its first line so.
 fn with_line_endings_of(original: &[u8], text: String) -> String {
-    if original.windows(2).any(|w| w == b"\r\n") {
+    let first = original.iter().position(|&b| b == b'\n');
+    if first.is_some_and(|i| i > 0 && original[i - 1] == b'\r') {
         text.replace("\r\n", "\n").replace('\n', "\r\n")
     } else {
         text
     }
 }
 
+/// A new allow table for a checked entry.
 fn table_of(v: &ValidEntry) -> Table {
     let mut t = Table::new();
     match &v.rule.target {

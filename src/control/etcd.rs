@@ -24,6 +24,7 @@ fn store_error(e: WriteError) -> StoreError {
         WriteError::NoEntry { deployment, entry } => StoreError::NoEntry { deployment, entry },
         WriteError::TooMany(why) => StoreError::TooLarge(why),
         WriteError::Unreachable(why) => StoreError::Unavailable(why),
+        WriteError::Unconfirmed(why) => StoreError::Unconfirmed(why),
         other => StoreError::Io(other.to_string()),
     }
 }

@@ -45,6 +45,10 @@ pub enum StoreError {
     /// The fleet store cannot be reached now (503); the entries in force stay.
     #[error("the fleet store (etcd) cannot be reached now; the entries in force stay as they are")]
     Unavailable(String),
+    /// A write sent to the fleet store but not confirmed (503): it may
+    /// have been applied, in part for a batched change.
+    #[error("the fleet store (etcd) did not confirm the write; it may have been applied (in part, for a change of many entries): read the list again")]
+    Unconfirmed(String),
 }
 
 /// The entity tag of a list of entries: a hash of their normalised JSON.

@@ -10,13 +10,14 @@
 //! | limits       | atomic counters, from accept   | reset; `limited`, info (rate-limited)                 |
 //! | PROXY header | the set-up deadline            | reset; `proxy_protocol_error`, debug                  |
 //! | admit        | one table lookup, before reading | reset; `denied`, info (rate-limited)                |
-//! | first bytes  | the set-up deadline            | close; `tls_error` (`proxy_protocol_error` from an untrusted peer on a PROXY port), debug; a client that closes first: no outcome, debug |
+//! | first bytes  | the set-up deadline            | close; `tls_error` (`proxy_protocol_error` from an untrusted peer on a PROXY port), debug; a client that closes before any byte: no outcome (unless the port requires TLS), debug |
 //! | TLS          | the set-up deadline            | close; `tls_error`, debug                             |
 //! | admit again  | one lookup, rules in force now | close; `denied`, info (rate-limited)                  |
 //! | dial         | `connect_timeout`              | close; `upstream_error`, warn (rate-limited)          |
 //! | forward      | `idle_timeout`, revocation, shutdown grace | `allowed` counted at dial; one info line at the end |
 //!
-//! The set-up deadline is `handshake_timeout` after accept: it bounds every
+//! The set-up deadline is `handshake_timeout` after accept (on an address
+//! shared by SNI, the longest of its deployments'): it bounds every
 //! stage before the dial together, not each on its own. The connection's
 //! slot (global and per-source limits) is taken at accept and travels with
 //! it; a stage that waits for bytes holds it. Waiting reads into a small
@@ -61,8 +62,8 @@ pub enum Phase {
 /// Bytes read to classify a connection: a PROXY v2 signature is the longest.
 const FIRST_BYTES: usize = 12;
 
-/// Why set-up ended without a session. Each maps to exactly one outcome
-/// and one log line, in [`report`].
+/// Why set-up ended without a session. Each maps to one outcome (`Gone`:
+/// none) and one log line, in [`report`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SetupError {
     Denied(String),
@@ -116,9 +117,17 @@ impl Stage {
         }
     }
 
-    /// The client closed while this stage waited for it.
-    fn gone(self) -> SetupError {
+    /// The client closed while this stage waited for it, having sent
+    /// `sent` bytes of it.
+    fn closed(self, sent: usize) -> SetupError {
         match self {
+            // Bytes of what may be a header or a ClientHello, then nothing.
+            Stage::PeerFirstBytes if sent > 0 => {
+                SetupError::ProxyProtocol("the connection closed inside its first bytes".into())
+            }
+            Stage::FirstBytes if sent > 0 => {
+                SetupError::Tls("the client closed inside its first bytes".into())
+            }
             Stage::ProxyHeader => {
                 SetupError::ProxyProtocol("the connection closed before its first bytes".into())
             }
@@ -404,10 +413,21 @@ impl Setup<'_> {
             if trusted == Some(false) {
                 // A header is never believed from an untrusted peer.
                 p.stage.set(Stage::PeerFirstBytes);
+                // A port that requires TLS owes a handshake from the start:
+                // closing first is a tls_error there, as without PROXY.
+                let owes_tls = permit.is_none()
+                    || self.live.snap.config.deployments[first]
+                        .tls
+                        .as_ref()
+                        .is_some_and(|t| t.mode == TlsMode::Require);
                 read_first(&mut stream, &mut prefix, Stage::PeerFirstBytes, |b| {
                     proxy_header::prefix(b) != Prefix::Undecided
                 })
-                .await?;
+                .await
+                .map_err(|e| match e {
+                    SetupError::Gone(_) if owes_tls => Stage::Tls.closed(0),
+                    e => e,
+                })?;
                 if proxy_header::prefix(&prefix) == Prefix::Header {
                     return Err(refuse(
                         stream,
@@ -572,7 +592,7 @@ async fn read_first(
             break;
         }
         match stream.read(&mut chunk[..room]).await {
-            Ok(0) | Err(_) => return Err(stage.gone()),
+            Ok(0) | Err(_) => return Err(stage.closed(buf.len())),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }

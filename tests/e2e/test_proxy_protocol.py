@@ -191,6 +191,10 @@ def test_a_port_check_counts_no_outcome_only_a_trusted_peer_owes_a_header(pp, ec
     echo.wait_connections(1)
     wait_outcomes(m, "lb", {"proxy_protocol_error": 1, "allowed": 1})
     assert stays_false(lambda: outcomes(m, "lb")["proxy_protocol_error"] > 1, 0.3)
+    # The start of a header, then nothing, from an untrusted peer: counted.
+    with connect_from("127.0.0.2", port) as s:
+        s.sendall(b"PROX")
+    wait_outcomes(m, "lb", {"proxy_protocol_error": 2, "allowed": 1})
 
 
 def test_trusted_peer_without_header_is_refused(pp, echo):

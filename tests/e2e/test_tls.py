@@ -103,6 +103,10 @@ def test_allow_mode_port_check_counts_no_outcome(moat, echo, ports, certs, srv):
     assert_echoes(port, "127.0.0.2", PAYLOAD)
     wait_outcomes(m, "orders", {"allowed": 1})
     assert stays_false(lambda: outcomes(m, "orders")["tls_error"] > 0, 0.3)
+    # The first byte of a TLS record, then nothing: a handshake cut off.
+    with connect_from("127.0.0.2", port) as s:
+        s.sendall(b"\x16")
+    wait_outcomes(m, "orders", {"allowed": 1, "tls_error": 1})
 
 
 def test_allow_mode_still_enforces_rules(moat, echo, ports, certs, srv):

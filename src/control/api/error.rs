@@ -146,7 +146,7 @@ impl From<StoreError> for ApiError {
                 ApiError::BadRequest(why.clone(), vec![format!("body: {why}")])
             }
             StoreError::Io(why) => ApiError::Internal(why),
-            StoreError::Unavailable(why) => {
+            StoreError::Unavailable(why) | StoreError::Unconfirmed(why) => {
                 ApiError::Unavailable(msg, vec![format!("etcd: {why}")])
             }
         }

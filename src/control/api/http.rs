@@ -12,6 +12,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request heads larger than this are refused (431).
 pub const MAX_HEAD: usize = 16 * 1024;
+/// Headers in one request head, at most (431 above).
+pub const MAX_HEADERS: usize = 256;
 
 /// Serves `router` on `io` until the client closes or a bound is hit.
 pub async fn serve<S>(io: S, router: Router)
@@ -24,8 +26,9 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(REQUEST_TIMEOUT)
         .max_buf_size(MAX_HEAD)
-        // 16 KiB is the bound on a head, not hyper's default of 100 headers.
-        .max_headers(MAX_HEAD / 4)
+        // 16 KiB is the bound on a head; hyper's default of 100 headers is
+        // raised, not unbounded (each parse allocates room for them all).
+        .max_headers(MAX_HEADERS)
         .keep_alive(true);
     if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
         tracing::debug!(error = %e, "HTTP connection ended");

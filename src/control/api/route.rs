@@ -68,6 +68,7 @@ impl Route {
         }
         let s: Vec<&str> = segs.iter().map(String::as_str).collect();
         // HEAD is GET without the body (hyper sends none for HEAD).
+        let asked = method;
         let method = if *method == Method::HEAD {
             &Method::GET
         } else {
@@ -143,7 +144,7 @@ impl Route {
         };
         route.ok_or((
             template,
-            ApiError::WrongMethod(format!("{method} {path}"), allow),
+            ApiError::WrongMethod(format!("{asked} {path}"), allow),
         ))
     }
 

@@ -37,10 +37,13 @@ fn a_deadline_is_charged_to_the_stage_it_passed_in() {
     assert_eq!(outcome(Stage::Tls.timed_out()), tls);
     // A trusted peer owes a header and a TLS port a handshake; on an
     // allow-mode port, or from an untrusted peer, closing first is no failure.
-    assert_eq!(outcome(Stage::ProxyHeader.gone()), proxy);
-    assert_eq!(outcome(Stage::Tls.gone()), tls);
-    assert_eq!(outcome(Stage::FirstBytes.gone()), None);
-    assert_eq!(outcome(Stage::PeerFirstBytes.gone()), None);
+    assert_eq!(outcome(Stage::ProxyHeader.closed(0)), proxy);
+    assert_eq!(outcome(Stage::Tls.closed(0)), tls);
+    assert_eq!(outcome(Stage::FirstBytes.closed(0)), None);
+    assert_eq!(outcome(Stage::PeerFirstBytes.closed(0)), None);
+    // Some bytes, then nothing: a cut-off header or ClientHello is a failure.
+    assert_eq!(outcome(Stage::FirstBytes.closed(2)), tls);
+    assert_eq!(outcome(Stage::PeerFirstBytes.closed(4)), proxy);
     for s in [
         Stage::Admission,
         Stage::ProxyHeader,
@@ -78,7 +81,7 @@ async fn first_bytes_wait_ends_when_the_client_leaves() {
     })
     .await
     .expect("the wait ends when the client leaves");
-    assert_eq!(r, Err(Stage::FirstBytes.gone()));
+    assert_eq!(r, Err(Stage::FirstBytes.closed(0)));
     assert_eq!(buf, [0x16]);
 }
 

@@ -44,6 +44,9 @@ impl Listing {
 pub enum WriteError {
     #[error("the fleet store (etcd) cannot be reached: {0}")]
     Unreachable(String),
+    /// A transaction was sent but not answered: it may have committed.
+    #[error("the fleet store (etcd) did not confirm the write ({0}); it may have been applied: read the list again")]
+    Unconfirmed(String),
     #[error("the access list kept changing under this write; read it again and retry")]
     Changed,
     #[error("deployment \"{deployment}\" has no access-list entry {entry}")]
@@ -145,9 +148,9 @@ impl Writer {
             Ok(Ok(_)) => Ok(None),
             Ok(Err(e)) => {
                 *self.client.lock().await = None;
-                Err(WriteError::Unreachable(e.to_string()))
+                Err(WriteError::Unconfirmed(e.to_string()))
             }
-            Err(_) => Err(WriteError::Unreachable("the transaction timed out".into())),
+            Err(_) => Err(WriteError::Unconfirmed("the transaction timed out".into())),
         }
     }
 
