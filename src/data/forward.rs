@@ -78,6 +78,14 @@ pub struct Meter<'a> {
     pub clock: &'a (dyn Fn() -> u64 + Sync),
 }
 
+impl Meter<'_> {
+    /// `n` bytes moved one way: counted, and the connection is not idle.
+    fn moved(&self, counter: Counter<'_>, n: usize) {
+        counter.add(n as u64);
+        self.activity.touch((self.clock)());
+    }
+}
+
 /// Bytes moved in each direction.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Totals {
@@ -147,8 +155,7 @@ async fn pump_plain(
             return Ok(total);
         }
         total += n as u64;
-        counter.add(n as u64);
-        m.activity.touch((m.clock)());
+        m.moved(counter, n);
     }
 }
 
@@ -245,8 +252,7 @@ where
             written?;
             w.flush().await?;
             total += n as u64;
-            counter.add(n as u64);
-            m.activity.touch((m.clock)());
+            m.moved(counter, n);
         }
         if eof {
             let _ = w.shutdown().await;
@@ -306,7 +312,6 @@ where
         }
         w.flush().await?;
         total += n as u64;
-        counter.add(n as u64);
-        m.activity.touch((m.clock)());
+        m.moved(counter, n);
     }
 }

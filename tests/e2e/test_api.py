@@ -456,12 +456,19 @@ def test_bounds(api):
     # At most 256 API connections: the 257th is closed at once, not queued.
     held = [socket.create_connection(("127.0.0.1", a.port), timeout=5) for _ in range(256)]
     try:
-        time.sleep(0.3)  # let the API accept them all
+        # Once the API has taken all 256, the next one is closed at once.
+        def refused() -> bool:
+            try:
+                a.call("GET", "/deployments")
+                return False  # the API had not taken all 256 yet
+            except requests.exceptions.ConnectionError:
+                return True
+        wait_until(refused, 10, interval=0.05, what="the 257th connection refused")
+        a.m.wait_stderr(r"API connection refused: 256 API connections are open")
         started = time.monotonic()
         with pytest.raises(requests.exceptions.ConnectionError):
             a.call("GET", "/deployments")
         assert time.monotonic() - started < 3
-        a.m.wait_stderr(r"API connection refused: 256 API connections are open")
     finally:
         for h in held:
             h.close()
